@@ -1,0 +1,154 @@
+"""`wflw <command>`: thin argument parsing over the pipeline's stages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import PipelineError
+from .params import Params, load_params
+
+logger = logging.getLogger("wflw_pipeline")
+
+
+def _fetch(params: Params, args: argparse.Namespace) -> None:
+    from .fetch import run_fetch
+
+    run_fetch(params.data, Path(args.out))
+
+
+def _convert(params: Params, args: argparse.Namespace) -> None:
+    from .convert import run_convert
+    from .preview import write_preview
+
+    out = Path(args.out)
+    summary = run_convert(params.convert, Path(args.raw), out)
+    logger.info("wrote %s: %s", out, summary["faces"])
+    write_preview(out / "test.parquet", out / "preview.png")
+
+
+def _train(params: Params, args: argparse.Namespace) -> None:
+    from .train import Outputs, run_train
+
+    metrics = run_train(params, Path(args.parquet), Outputs(Path(args.model_dir), Path(args.train_dir)))
+    logger.info("train metrics: %s", metrics)
+
+
+def _evaluate(params: Params, args: argparse.Namespace) -> None:
+    from .evaluate import run_evaluate
+
+    metrics = run_evaluate(params.evaluate, Path(args.checkpoint), Path(args.parquet), Path(args.out))
+    logger.info("test NME %.3f %% (%d faces)", metrics["test"]["nme"], metrics["test"]["n"])
+
+
+def _preview(params: Params, args: argparse.Namespace) -> None:
+    from .preview import write_preview
+
+    write_preview(Path(args.parquet), Path(args.out), per_row=args.per_row)
+    logger.info("wrote %s", args.out)
+
+
+def _add_params_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one param, e.g. --set convert.crop_size=256 (repeatable; value parsed as YAML)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wflw",
+        description="WFLW landmark pipeline. Each command is one DVC stage (see dvc.yaml); "
+        "params come from params.yaml, overridden by --set.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="get the WFLW archives: download (wflw), copy (local) or generate (synthetic)",
+        description="Stage fetch: writes WFLW_images.tar.gz, WFLW_annotations.tar.gz and "
+        "manifest.json (source, bytes, SHA-256) into --out. Reads params data.*.",
+    )
+    fetch.add_argument("--out", default="data/raw", help="output folder (default: %(default)s)")
+    fetch.set_defaults(run=_fetch)
+
+    convert = commands.add_parser(
+        "convert",
+        help="archives -> Parquet face crops (train, test, optional val)",
+        description="Stage convert: streams the archives in --raw, crops every face and writes "
+        "{train,test[,val]}.parquet, summary.json and preview.png into --out. Reads params convert.*.",
+    )
+    convert.add_argument("--raw", default="data/raw", help="folder of the archives (default: %(default)s)")
+    convert.add_argument("--out", default="data/parquet", help="output folder (default: %(default)s)")
+    convert.set_defaults(run=_convert)
+
+    train = commands.add_parser(
+        "train",
+        help="train DeepPose on the Parquet crops (GPU when there is one; DDP under torchrun)",
+        description="Stage train: fits the model on train.parquet, selects the epoch on val.parquet "
+        "(never on test), writes --model-dir/model.pt and --train-dir/{checkpoint.pt,history.csv,"
+        "metrics.json}. Reads params model.*, loss.*, augment.*, train.*. Several GPUs or nodes: "
+        "torchrun --nproc_per_node N -m wflw_pipeline.cli train.",
+    )
+    train.add_argument("--parquet", default="data/parquet", help="splits folder (default: %(default)s)")
+    train.add_argument("--model-dir", default="data/model", help="(default: %(default)s)")
+    train.add_argument("--train-dir", default="data/train", help="(default: %(default)s)")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a trained model on the test split (and val): NME, FR, AUC per subset, plots",
+        description="Stage evaluate: predicts --parquet's test.parquet (and val.parquet when it has rows) "
+        "with --checkpoint, maps the points back to the original images and writes metrics.json, "
+        "per_face.parquet, ced.csv, results.md, ced.png, nme_subsets.png and best_worst.png into --out. "
+        "Reads params evaluate.*. Works on any checkpoint written by `wflw train`, inside DVC or not.",
+    )
+    evaluate.add_argument(
+        "--checkpoint", default="data/model/model.pt", help="trained model file (default: %(default)s)"
+    )
+    evaluate.add_argument("--parquet", default="data/parquet", help="splits folder (default: %(default)s)")
+    evaluate.add_argument("--out", default="data/eval", help="output folder (default: %(default)s)")
+    evaluate.set_defaults(run=_evaluate)
+
+    preview = commands.add_parser(
+        "preview",
+        help="PNG grid of sample faces with landmarks, one row per subset",
+        description="Draws faces of a converted Parquet split with their 98 landmarks.",
+    )
+    preview.add_argument("--parquet", default="data/parquet/test.parquet", help="(default: %(default)s)")
+    preview.add_argument("--out", default="data/parquet/preview.png", help="(default: %(default)s)")
+    preview.add_argument("--per-row", type=int, default=8, help="faces per row (default: %(default)s)")
+    preview.set_defaults(run=_preview)
+
+    for sub in (fetch, convert, train, evaluate, preview):
+        _add_params_options(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run: Callable[[Params, argparse.Namespace], None] = args.run
+    try:
+        params = load_params(args.params, args.overrides)
+        run(params, args)
+    except PipelineError as err:
+        logger.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Typed, frozen params loaded from params.yaml, with `dotted.key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import PipelineError
+
+
+class ParamsError(PipelineError):
+    """A params file or override that is missing, malformed or out of range."""
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The synthetic WFLW generator (the embedded default data)."""
+
+    seed: int = 0
+    train_faces: int = 7500
+    test_faces: int = 2500
+    min_image_size: int = 200
+    max_image_size: int = 1000
+    workers: int = 0
+
+    def validate(self, key: str) -> None:
+        _require(self.train_faces >= 1 and self.test_faces >= 1, f"{key}: need >= 1 face per split")
+        _require(
+            64 <= self.min_image_size <= self.max_image_size,
+            f"{key}: need 64 <= min_image_size <= max_image_size",
+        )
+        _require(self.workers >= 0, f"{key}.workers: must be >= 0 (0 = all cores)")
+
+
+@dataclass(frozen=True)
+class WflwSourceParams:
+    """Where the official archives are downloaded from, and the SHA-256 they must have."""
+
+    images_url: str = "https://drive.google.com/uc?id=1hzBd48JIdWTJSsATBEB_eFVvPL1bx6UC"
+    annotations_url: str = "https://wywu.github.io/projects/LAB/support/WFLW_annotations.tar.gz"
+    images_sha256: str | None = None
+    annotations_sha256: str | None = None
+    cache_dir: str = "data/downloads"
+    retries: int = 5
+    timeout_s: float = 60.0
+
+    def validate(self, key: str) -> None:
+        for name in ("images_sha256", "annotations_sha256"):
+            digest = getattr(self, name)
+            ok = digest is None or (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest))
+            _require(ok, f"{key}.{name}: must be 64 lowercase hex digits or null")
+        _require(self.retries >= 0, f"{key}.retries: must be >= 0")
+        _require(self.timeout_s > 0, f"{key}.timeout_s: must be > 0")
+
+
+@dataclass(frozen=True)
+class LocalSourceParams:
+    """Archives the user already has on disk."""
+
+    images_archive: str | None = None
+    annotations_archive: str | None = None
+    images_sha256: str | None = None
+    annotations_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["synthetic", "wflw", "local"] = "synthetic"
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    wflw: WflwSourceParams = field(default_factory=WflwSourceParams)
+    local: LocalSourceParams = field(default_factory=LocalSourceParams)
+
+    def validate(self, key: str) -> None:
+        if self.source == "local":
+            for name in ("images_archive", "annotations_archive"):
+                _require(
+                    getattr(self.local, name) is not None,
+                    f"{key}.local.{name}: must be set when {key}.source is 'local'",
+                )
+
+
+@dataclass(frozen=True)
+class ConvertParams:
+    """How faces are cropped from the original images into Parquet."""
+
+    bbox: Literal["landmarks", "rect"] = "landmarks"
+    padding: float = 1.25
+    context: float = 1.5
+    crop_size: int = 384
+    jpeg_quality: int = 95
+    val_fraction: float = 0.0
+    seed: int = 0
+    max_outside: float = 0.5
+    on_error: Literal["fail", "skip"] = "fail"
+    workers: int = 0
+
+    def validate(self, key: str) -> None:
+        _require(self.padding >= 1.0, f"{key}.padding: must be >= 1")
+        _require(self.context >= 1.0, f"{key}.context: must be >= 1")
+        _require(16 <= self.crop_size <= 2048, f"{key}.crop_size: must be in [16, 2048]")
+        _require(1 <= self.jpeg_quality <= 100, f"{key}.jpeg_quality: must be in [1, 100]")
+        _require(0.0 <= self.val_fraction < 1.0, f"{key}.val_fraction: must be in [0, 1)")
+        _require(self.max_outside >= 0.0, f"{key}.max_outside: must be >= 0")
+        _require(self.workers >= 0, f"{key}.workers: must be >= 0 (0 = all cores)")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """DeepPose: a torchvision ResNet, global average pooling, Linear(98 x 2)."""
+
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    pretrained: str = "imagenet"
+    input_size: int = 256
+
+    def validate(self, key: str) -> None:
+        _require(32 <= self.input_size <= 1024, f"{key}.input_size: must be in [32, 1024]")
+
+
+@dataclass(frozen=True)
+class WingParams:
+    omega: float = 10.0
+    epsilon: float = 2.0
+
+
+@dataclass(frozen=True)
+class SoftWingParams:
+    omega1: float = 2.0
+    omega2: float = 20.0
+    epsilon: float = 0.5
+
+
+@dataclass(frozen=True)
+class LossParams:
+    """The regression loss; `units: normalized` is the reference (MMPose), `pixels` the Wing paper."""
+
+    name: Literal["wing", "softwing", "l1", "smoothl1"] = "wing"
+    units: Literal["normalized", "pixels"] = "normalized"
+    wing: WingParams = field(default_factory=WingParams)
+    softwing: SoftWingParams = field(default_factory=SoftWingParams)
+    smoothl1_beta: float = 1.0
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Random flip, scale, rotation and shift, drawn as MMPose 1.x's RandomBBoxTransform does."""
+
+    flip_prob: float = 0.5
+    scale_min: float = 0.75
+    scale_max: float = 1.25
+    rotation_deg: float = 60.0
+    rotation_prob: float = 0.6
+    shift_frac: float = 0.16
+    shift_prob: float = 0.3
+
+    def validate(self, key: str) -> None:
+        for name in ("flip_prob", "rotation_prob", "shift_prob"):
+            _require(0.0 <= getattr(self, name) <= 1.0, f"{key}.{name}: must be in [0, 1]")
+        _require(0 < self.scale_min <= self.scale_max, f"{key}: need 0 < scale_min <= scale_max")
+        _require(0 <= self.rotation_deg <= 180, f"{key}.rotation_deg: must be in [0, 180]")
+        _require(0 <= self.shift_frac < 1, f"{key}.shift_frac: must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Optimiser, schedule, devices and checkpoints of the train stage."""
+
+    epochs: int = 210
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: tuple[int, ...] = (170, 200)
+    gamma: float = 0.1
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    resume: Literal["auto", "never"] = "auto"
+    threads: int = 0
+
+    def validate(self, key: str) -> None:
+        _require(self.epochs >= 1, f"{key}.epochs: must be >= 1")
+        _require(self.batch_size >= 1, f"{key}.batch_size: must be >= 1")
+        _require(self.lr > 0, f"{key}.lr: must be > 0")
+        _require(self.warmup_iters >= 0, f"{key}.warmup_iters: must be >= 0")
+        _require(0 < self.warmup_ratio <= 1, f"{key}.warmup_ratio: must be in (0, 1]")
+        _require(list(self.milestones) == sorted(self.milestones), f"{key}.milestones: must be increasing")
+        _require(self.threads >= 0, f"{key}.threads: must be >= 0 (0 = torch's default)")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """How the trained model is evaluated on the test split (and val, when there is one)."""
+
+    flip_test: bool = True
+    batch_size: int = 256
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    failure_threshold: float = 0.1
+    grid_faces: int = 8
+
+    def validate(self, key: str) -> None:
+        _require(self.batch_size >= 1, f"{key}.batch_size: must be >= 1")
+        _require(0 < self.failure_threshold <= 1, f"{key}.failure_threshold: must be in (0, 1]")
+        _require(self.grid_faces >= 1, f"{key}.grid_faces: must be >= 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    """Everything params.yaml holds; each stage reads its own sections."""
+
+    data: DataParams = field(default_factory=DataParams)
+    convert: ConvertParams = field(default_factory=ConvertParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    loss: LossParams = field(default_factory=LossParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Params:
+        """Rebuild params saved with `to_dict` (e.g. in a checkpoint)."""
+        return _build(cls, data, "")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ParamsError(message)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against the type hint `hint`, building nested dataclasses."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{key}: expected a mapping, found {value!r}")
+        return _build(hint, value, key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ParamsError(f"{key}: must be one of {', '.join(map(str, choices))}; found {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"{key}: expected a list, found {value!r}")
+        return tuple(_coerce(item, inner, f"{key}[{i}]") for i, item in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ParamsError(f"{key}: expected {hint.__name__}, found {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ParamsError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name in names & set(data):
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(data[name], hints[name], key)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(prefix)
+    return obj
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ParamsError(f"override {override!r}: expected dotted.key=value")
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"override {override!r}: {'.'.join(parents[: i + 1])} is not a mapping")
+        node = child
+    node[leaf] = yaml.safe_load(raw) if raw else None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:
+    """Read a params file, apply overrides and return the validated, typed params."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return _build(Params, data, "")
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None

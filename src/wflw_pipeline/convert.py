@@ -1,0 +1,469 @@
+"""Stage convert: WFLW archives -> Parquet face crops (the data contract in DESIGN.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+import zlib
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from . import wflw
+from .errors import PipelineError
+from .params import ConvertParams
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_KEY = b"wflw_pipeline"
+
+SCHEMA = pa.schema(
+    [
+        ("face_id", pa.int64()),
+        ("split", pa.string()),
+        ("image_path", pa.string()),
+        ("image_width", pa.int32()),
+        ("image_height", pa.int32()),
+        ("crop_jpeg", pa.binary()),
+        ("crop_to_image", pa.list_(pa.float32(), 6)),
+        ("landmarks", pa.list_(pa.float32(), 2 * wflw.NUM_POINTS)),
+        ("landmarks_image", pa.list_(pa.float32(), 2 * wflw.NUM_POINTS)),
+        ("rect", pa.list_(pa.int32(), 4)),
+        *[(name, pa.bool_()) for name in wflw.ATTRIBUTES],
+    ]
+)
+
+
+class ConvertError(PipelineError):
+    """Input the convert stage cannot turn into Parquet (names the file and line)."""
+
+
+@dataclass(frozen=True)
+class Face:
+    """One parsed annotation line and where it came from."""
+
+    split: str
+    face_id: int
+    annotation: wflw.Annotation
+    source: str
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.split, self.face_id)
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """What the workers need of ConvertParams (picklable, no params object)."""
+
+    bbox: str
+    padding: float
+    context: float
+    crop_size: int
+    jpeg_quality: int
+    max_outside: float
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only file wrapper that computes the SHA-256 of every byte read through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._raw.readinto(buffer)
+        self.sha256.update(memoryview(buffer)[:n])
+        self.bytes_read += n
+        return n
+
+
+class _StreamedArchive:
+    """Stream a .tar.gz once, without extracting it, yielding safe file members and hashing it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sha256 = ""
+
+    def members(self, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+        """(name, bytes) of each file member for which `wanted(name)`, in archive order."""
+        if not self.path.is_file():
+            raise ConvertError(f"{self.path}: archive not found (run `wflw fetch` first)")
+        with open(self.path, "rb") as raw:
+            reader = _HashingReader(raw)
+            try:
+                with tarfile.open(fileobj=reader, mode="r|gz") as tar:
+                    for info in tar:
+                        try:
+                            wflw.check_member_path(info.name)
+                        except ValueError as err:
+                            raise ConvertError(f"{self.path}: archive member {err}") from None
+                        if info.isfile() and wanted(info.name):
+                            yield info.name, tar.extractfile(info).read()  # type: ignore[union-attr]
+                while reader.read(1 << 20):
+                    pass
+            except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+                raise ConvertError(f"{self.path}: truncated or corrupt archive ({err})") from None
+        self.sha256 = reader.sha256.hexdigest()
+
+
+def face_box(annotation: wflw.Annotation, bbox: str) -> tuple[float, float, float]:
+    """Centre x, centre y and side of the square face box (before padding)."""
+    if bbox == "landmarks":
+        lo, hi = annotation.landmarks.min(axis=0), annotation.landmarks.max(axis=0)
+    else:
+        lo, hi = np.array(annotation.rect[:2], float), np.array(annotation.rect[2:], float)
+    (cx, cy), (w, h) = (lo + hi) / 2.0, hi - lo
+    return float(cx), float(cy), float(max(w, h))
+
+
+def crop_transform(annotation: wflw.Annotation, spec: CropSpec) -> np.ndarray:
+    """2x3 affine mapping crop pixels to original image pixels (continuous coordinates)."""
+    cx, cy, side = face_box(annotation, spec.bbox)
+    region = side * spec.padding * spec.context
+    scale = region / spec.crop_size
+    return np.array([[scale, 0.0, cx - region / 2], [0.0, scale, cy - region / 2]])
+
+
+def _check_geometry(annotation: wflw.Annotation, spec: CropSpec, width: int, height: int) -> str | None:
+    """Why this face cannot be cropped, or None."""
+    side = face_box(annotation, spec.bbox)[2]
+    if side <= 1.0:
+        return f"degenerate face box ({spec.bbox}) of side {side:.2f} px"
+    margin = spec.max_outside * face_box(annotation, "landmarks")[2]
+    pts = annotation.landmarks
+    outside = (pts[:, 0] < -margin) | (pts[:, 0] > width + margin)
+    outside |= (pts[:, 1] < -margin) | (pts[:, 1] > height + margin)
+    if outside.any():
+        i = int(np.argmax(outside))
+        return (
+            f"landmark {i} at ({pts[i, 0]:.1f}, {pts[i, 1]:.1f}) lies far outside the "
+            f"{width}x{height} image (tolerance convert.max_outside={spec.max_outside} x face size)"
+        )
+    return None
+
+
+def _crop_face(image: Image.Image, reduced: float, matrix: np.ndarray, crop_size: int) -> Image.Image:
+    """Warp one face out of an image already shrunk by `reduced`, box-filtering large shrinks."""
+    scale = matrix[0, 0] / reduced
+    offset = matrix[:, 2] / reduced
+    factor = int(scale) if scale >= 2 else 1
+    if factor > 1:
+        image = image.reduce(factor)
+        scale, offset = scale / factor, offset / factor
+    data = (scale, 0.0, offset[0], 0.0, scale, offset[1])
+    return image.transform(
+        (crop_size, crop_size), Image.Transform.AFFINE, data=data, resample=Image.Resampling.BILINEAR
+    )
+
+
+def _decode(data: bytes, min_scale: float) -> tuple[Image.Image, int, int, float]:
+    """Decode an image as RGB, letting JPEG's DCT scaling drop resolution no face needs."""
+    image = Image.open(io.BytesIO(data))
+    width, height = image.size
+    draft = 1
+    while draft * 2 <= min(min_scale, 8.0):
+        draft *= 2
+    if draft > 1 and image.format == "JPEG":
+        image.draft("RGB", (-(-width // draft), -(-height // draft)))
+    image = image.convert("RGB")
+    reduced = next(d for d in (1, 2, 4, 8) if image.size == (-(-width // d), -(-height // d)))
+    return image, width, height, float(reduced)
+
+
+def process_image(data: bytes, faces: list[Face], spec: CropSpec) -> tuple[list[dict], list[tuple]]:
+    """Crop every face of one image: (rows, [(face key, error message)])."""
+    matrices = [crop_transform(face.annotation, spec) for face in faces]
+    try:
+        image, width, height, reduced = _decode(data, min(m[0, 0] for m in matrices))
+    except Exception as err:  # Pillow raises many types for bad image bytes
+        return [], [(face.key, f"cannot decode image ({type(err).__name__}: {err})") for face in faces]
+    rows, errors = [], []
+    for face, matrix in zip(faces, matrices, strict=True):
+        problem = _check_geometry(face.annotation, spec, width, height)
+        if problem:
+            errors.append((face.key, problem))
+            continue
+        crop = _crop_face(image, reduced, matrix, spec.crop_size)
+        buffer = io.BytesIO()
+        crop.save(buffer, format="JPEG", quality=spec.jpeg_quality)
+        rows.append(_row(face, width, height, matrix, buffer.getvalue()))
+    return rows, errors
+
+
+def _row(face: Face, width: int, height: int, matrix: np.ndarray, jpeg: bytes) -> dict:
+    ann = face.annotation
+    scale, origin = matrix[0, 0], matrix[:, 2]
+    crop_points = (ann.landmarks - origin) / scale
+    row = {
+        "face_id": face.face_id,
+        "split": face.split,
+        "image_path": ann.image_path,
+        "image_width": width,
+        "image_height": height,
+        "crop_jpeg": jpeg,
+        "crop_to_image": matrix.reshape(-1).astype(np.float32),
+        "landmarks": crop_points.reshape(-1).astype(np.float32),
+        "landmarks_image": ann.landmarks.reshape(-1).astype(np.float32),
+        "rect": np.asarray(ann.rect, dtype=np.int32),
+    }
+    row.update(zip(wflw.ATTRIBUTES, ann.attributes, strict=True))
+    return row
+
+
+class _Problems:
+    """Fail on the first problem, or (on_error: skip) log and count each one."""
+
+    def __init__(self, on_error: str) -> None:
+        self.on_error = on_error
+        self.messages: list[str] = []
+
+    def report(self, message: str) -> None:
+        if self.on_error == "fail":
+            raise ConvertError(message)
+        logger.warning("skipping: %s", message)
+        self.messages.append(message)
+
+
+def read_annotations(
+    archive: _StreamedArchive, problems: _Problems
+) -> tuple[dict[str, list[Face]], dict[str, int]]:
+    """Parse both splits' annotation files and count the lines of the test subset lists."""
+    faces: dict[str, list[Face]] = {}
+    list_counts: dict[str, int] = {}
+    split_members = {wflw.annotation_member(split): split for split in wflw.SPLITS}
+    subset_members = {wflw.test_list_member(a): a for a in wflw.ATTRIBUTES}
+    for name, data in archive.members(lambda name: name in split_members or name in subset_members):
+        text = _decode_text(archive, name, data)
+        if name in subset_members:
+            list_counts[subset_members[name]] = sum(1 for line in text.splitlines() if line.strip())
+        else:
+            split = split_members[name]
+            faces[split] = list(_parse_lines(split, f"{archive.path}:{name}", text, problems))
+    missing = [wflw.annotation_member(s) for s in wflw.SPLITS if s not in faces]
+    if missing:
+        raise ConvertError(f"{archive.path}: annotation archive lacks {', '.join(missing)}")
+    return faces, list_counts
+
+
+def _decode_text(archive: _StreamedArchive, name: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConvertError(f"{archive.path}:{name}: not UTF-8 text ({err})") from None
+
+
+def _parse_lines(split: str, source: str, text: str, problems: _Problems) -> Iterator[Face]:
+    for face_id, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        where = f"{source}:{face_id + 1}"
+        try:
+            yield Face(split, face_id, wflw.parse_line(line), where)
+        except wflw.AnnotationError as err:
+            problems.report(f"{where}: {err}")
+
+
+def crop_all(
+    archive: _StreamedArchive,
+    faces: list[Face],
+    spec: CropSpec,
+    workers: int,
+    problems: _Problems,
+) -> list[dict]:
+    """Stream the image archive and crop every face on all cores; returns the Parquet rows."""
+    by_image: dict[str, list[Face]] = {}
+    for face in faces:
+        by_image.setdefault(face.annotation.image_path, []).append(face)
+    by_key = {face.key: face for face in faces}
+    rows: list[dict] = []
+    pending: deque[Future] = deque()
+    prefix = f"{wflw.IMAGES_ROOT}/"
+
+    def collect(future: Future) -> None:
+        done, errors = future.result()
+        rows.extend(done)
+        for key, message in errors:
+            face = by_key[key]
+            problems.report(f"{archive.path}:{prefix}{face.annotation.image_path} ({face.source}): {message}")
+        progress.update(1)
+
+    with (
+        ProcessPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=len(by_image), desc="convert", unit="image") as progress,
+        _cancel_on_error(pool),
+    ):
+        wanted = lambda name: name.startswith(prefix) and name[len(prefix) :] in by_image  # noqa: E731
+        for name, data in archive.members(wanted):
+            image_faces = by_image.pop(name[len(prefix) :])
+            pending.append(pool.submit(process_image, data, image_faces, spec))
+            while len(pending) > 4 * workers:
+                collect(pending.popleft())
+        while pending:
+            collect(pending.popleft())
+    for path, image_faces in by_image.items():
+        for face in image_faces:
+            problems.report(f"{face.source}: image {path!r} is missing from {archive.path}")
+    return rows
+
+
+@contextmanager
+def _cancel_on_error(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """Drop queued work at once when the stage fails, instead of finishing it."""
+    try:
+        yield
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+
+
+def split_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split train rows into (train, val), stratified by the six flags where possible."""
+    from sklearn.model_selection import train_test_split
+
+    n_val = round(fraction * len(rows))
+    if fraction <= 0 or n_val < 1 or len(rows) - n_val < 1:
+        if fraction > 0:
+            logger.warning("val_fraction %s of %d faces leaves no val split", fraction, len(rows))
+        return rows, []
+    labels = ["".join("1" if row[a] else "0" for a in wflw.ATTRIBUTES) for row in rows]
+    counts = Counter(labels)
+    labels = [label if counts[label] >= 2 else "rare" for label in labels]
+    strata = Counter(labels)
+    index = np.arange(len(rows))
+    try:
+        if len(strata) < 2 or min(strata.values()) < 2:
+            raise ValueError(f"{len(rows)} faces in {len(counts)} flag combinations are too few")
+        train_idx, val_idx = train_test_split(index, test_size=n_val, random_state=seed, stratify=labels)
+    except ValueError as err:
+        logger.warning("val split cannot be stratified by the flags (%s); splitting at random", err)
+        train_idx, val_idx = train_test_split(index, test_size=n_val, random_state=seed)
+    return [rows[i] for i in sorted(train_idx)], [rows[i] for i in sorted(val_idx)]
+
+
+def write_parquet(rows: list[dict], path: Path, metadata: dict[str, Any], row_group_size: int = 1024) -> None:
+    """Write rows sorted by face_id with the contract schema and file-level metadata."""
+    rows = sorted(rows, key=lambda row: row["face_id"])
+    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    columns = {name: [row[name] for row in rows] for name in SCHEMA.names}
+    table = pa.Table.from_pydict(columns, schema=schema)
+    pq.write_table(table, path, row_group_size=row_group_size, compression="zstd")
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The pipeline's file-level metadata of a Parquet file written by convert."""
+    meta = pq.read_schema(path).metadata or {}
+    if METADATA_KEY not in meta:
+        raise ConvertError(f"{path}: no {METADATA_KEY.decode()} metadata: not written by `wflw convert`")
+    return json.loads(meta[METADATA_KEY])
+
+
+def _flag_counts(rows: list[dict]) -> dict[str, int]:
+    return {a: sum(bool(row[a]) for row in rows) for a in wflw.ATTRIBUTES}
+
+
+def _summary(splits: dict[str, list[dict]], list_counts: dict[str, int], problems: _Problems) -> dict:
+    subsets = {split: _flag_counts(rows) for split, rows in splits.items()}
+    return {
+        "faces": {split: len(rows) for split, rows in splits.items()},
+        "subsets": subsets,
+        "test_list_counts": list_counts,
+        "skipped": {"count": len(problems.messages), "reasons": problems.messages[:100]},
+    }
+
+
+def _check_test_lists(test_rows: list[dict], list_counts: dict[str, int], problems: _Problems) -> None:
+    """The list_98pt_test_<subset> files must count the same faces as the test flags."""
+    if problems.messages:
+        return
+    flagged = _flag_counts(test_rows)
+    for attribute, listed in list_counts.items():
+        if flagged[attribute] != listed:
+            problems.report(
+                f"{wflw.test_list_member(attribute)} lists {listed} faces but "
+                f"{flagged[attribute]} test faces have the {attribute} flag"
+            )
+
+
+def run_convert(params: ConvertParams, raw_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Convert `raw_dir`'s archives into `out_dir`/{train,val,test}.parquet and summary.json.
+
+    val.parquet is always written (with no rows when `val_fraction` is 0) so its path is stable.
+    """
+    spec = CropSpec(
+        params.bbox, params.padding, params.context, params.crop_size, params.jpeg_quality, params.max_outside
+    )
+    workers = params.workers or os.cpu_count() or 1
+    problems = _Problems(params.on_error)
+    annotations = _StreamedArchive(raw_dir / wflw.ANNOTATIONS_ARCHIVE)
+    images = _StreamedArchive(raw_dir / wflw.IMAGES_ARCHIVE)
+    faces, list_counts = read_annotations(annotations, problems)
+    logger.info("parsed %s", ", ".join(f"{len(v)} {k} faces" for k, v in faces.items()))
+    rows = crop_all(images, [f for split in wflw.SPLITS for f in faces[split]], spec, workers, problems)
+    splits = {split: [row for row in rows if row["split"] == split] for split in wflw.SPLITS}
+    _check_test_lists(splits["test"], list_counts, problems)
+    splits["train"], splits["val"] = split_validation(splits["train"], params.val_fraction, params.seed)
+    for row in splits["val"]:
+        row["split"] = "val"
+    empty = [split for split in wflw.SPLITS if not splits[split]]
+    if empty:
+        raise ConvertError(f"no {' or '.join(empty)} faces left to write (see the messages above)")
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "source": _source(raw_dir),
+        "archives": {annotations.path.name: annotations.sha256, images.path.name: images.sha256},
+        "crop": {
+            "bbox": params.bbox,
+            "padding": params.padding,
+            "context": params.context,
+            "crop_size": params.crop_size,
+            "jpeg_quality": params.jpeg_quality,
+        },
+    }
+    summary = {"source": metadata["source"], **_summary(splits, list_counts, problems)}
+    _write_outputs(out_dir, splits, metadata, summary)
+    return summary
+
+
+def _source(raw_dir: Path) -> str:
+    """The fetch stage's `source` from its manifest, or 'unknown'."""
+    try:
+        return json.loads((raw_dir / "manifest.json").read_text())["source"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def _write_outputs(out_dir: Path, splits: dict[str, list[dict]], metadata: dict, summary: dict) -> None:
+    """Write every output to a temp file first, then rename them all: no partial output survives."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = {out_dir / f"{split}.parquet": rows for split, rows in splits.items()}
+    with ExitStack() as cleanup:
+        temps: dict[Path, Path] = {}
+        for target in [*targets, out_dir / "summary.json"]:
+            temp = target.with_name(f".{target.name}.tmp")
+            temps[target] = temp
+            cleanup.callback(temp.unlink, missing_ok=True)
+        for target, rows in targets.items():
+            write_parquet(rows, temps[target], metadata)
+        temps[out_dir / "summary.json"].write_text(json.dumps(summary, indent=2) + "\n")
+        for target, temp in temps.items():
+            os.replace(temp, target)

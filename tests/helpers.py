@@ -1,0 +1,64 @@
+"""Small hand-made WFLW-format datasets for tests of convert and the CLI."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from wflw_pipeline import synthetic, wflw
+
+
+def ring_landmarks(cx: float, cy: float, radius: float) -> np.ndarray:
+    """98 points on an ellipse-ish ring; 60 and 72 (the eye corners) apart horizontally."""
+    angles = np.linspace(0, 2 * np.pi, 98, endpoint=False)
+    points = np.stack([cx + radius * np.cos(angles), cy + 0.8 * radius * np.sin(angles)], axis=1)
+    points[wflw.LEFT_EYE_OUTER] = (cx - 0.5 * radius, cy - 0.2 * radius)
+    points[wflw.RIGHT_EYE_OUTER] = (cx + 0.5 * radius, cy - 0.2 * radius)
+    return np.round(points, 3)
+
+
+def jpeg(width: int, height: int, squares: list[tuple[float, float]] = (), side: int = 6) -> bytes:
+    """A dark JPEG with white squares centred on the given points."""
+    pixels = np.full((height, width, 3), 40, np.uint8)
+    for x, y in squares:
+        x0, y0 = math.floor(x - side / 2 + 0.5), math.floor(y - side / 2 + 0.5)
+        pixels[max(y0, 0) : y0 + side, max(x0, 0) : x0 + side] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def face_line(landmarks: np.ndarray, path: str, flags: tuple[int, ...] = (0,) * 6) -> str:
+    lo, hi = landmarks.min(axis=0), landmarks.max(axis=0)
+    rect = (int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1]))
+    return wflw.format_line(wflw.Annotation(landmarks, rect, tuple(map(bool, flags)), path))
+
+
+def write_raw(raw_dir: Path, lines: dict[str, list[str]], images: dict[str, bytes]) -> tuple[Path, Path]:
+    """Write both archives of a hand-made dataset into raw_dir."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    images_path = raw_dir / wflw.IMAGES_ARCHIVE
+    annotations_path = raw_dir / wflw.ANNOTATIONS_ARCHIVE
+    synthetic.write_images_archive(images_path, sorted(images.items()))
+    synthetic.write_annotations_archive(annotations_path, lines)
+    return images_path, annotations_path
+
+
+def small_dataset(raw_dir: Path, train: int = 4, test: int = 3) -> dict[str, list[str]]:
+    """`train` + `test` faces, two per image where possible, with varied flags; returns the lines."""
+    lines: dict[str, list[str]] = {"train": [], "test": []}
+    squares: dict[str, list[tuple[float, float]]] = {}
+    for split, count in (("train", train), ("test", test)):
+        for i in range(count):
+            path = f"0--Parade/{split}_{i // 2}.jpg"
+            centre = (120.0 + 260 * (i % 2), 160.0)
+            points = ring_landmarks(*centre, radius=60 + 5 * i)
+            flags = tuple(int(j == i % 6) for j in range(6))
+            lines[split].append(face_line(points, path, flags))
+            squares.setdefault(path, []).extend(tuple(p) for p in points[::7])
+    write_raw(raw_dir, lines, {path: jpeg(520, 320, marks) for path, marks in squares.items()})
+    return lines

@@ -1,0 +1,188 @@
+"""Batched, on-device geometric augmentation: flip, scale, rotation and shift as one affine warp per batch.
+
+Pixel convention, in the stored crop and in the network input alike: continuous coordinates where
+pixel i covers [i, i + 1) (its centre is i + 0.5), so an image of side n spans [0, n] and mirrors as
+x -> n - x. This is `grid_sample`'s align_corners=False convention; in normalised units ([0, 1] of the
+input) a horizontal mirror is x -> 1 - x.
+
+The network sees the central `crop_size / context` square of the crop (the padded face box), resized to
+`out_size`; augmentation moves, resizes, turns and mirrors that square, as MMPose 1.x's RandomFlip and
+RandomBBoxTransform do to the face box.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wflw_pipeline import wflw
+
+_PHI_MINUS_ONE = 0.5 * math.erfc(1.0 / math.sqrt(2.0))
+"""The standard normal CDF at -1."""
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """Per-sample geometric parameters, tensors of batch size B on one device.
+
+    flip: (B,) bool, mirror the view about its vertical centre line.
+    scale: (B,) side of the sampled square / side of the view (> 1 sees a larger region, the face smaller).
+    angle: (B,) radians; a positive angle turns the sampled square clockwise on screen (y points
+        down), so the face appears turned counter-clockwise in the output.
+    shift: (B, 2) displacement of the view centre in the crop, x then y, as a fraction of the view side.
+    """
+
+    flip: Tensor
+    scale: Tensor
+    angle: Tensor
+    shift: Tensor
+
+
+def truncated_normal(uniform: Tensor) -> Tensor:
+    """Map uniform [0, 1) samples to a standard normal truncated to [-1, 1] (inverse CDF, exact)."""
+    p = _PHI_MINUS_ONE + uniform * (1.0 - 2.0 * _PHI_MINUS_ONE)
+    return torch.special.ndtri(p).clamp(-1.0, 1.0)
+
+
+def draw_params(
+    batch: int,
+    *,
+    generator: torch.Generator,
+    device: torch.device | str,
+    flip_prob: float = 0.5,
+    scale_range: tuple[float, float] = (0.75, 1.25),
+    rotation_deg: float = 60.0,
+    rotation_prob: float = 0.6,
+    shift_frac: float = 0.16,
+    shift_prob: float = 0.3,
+) -> ViewParams:
+    """Random parameters drawn as MMPose 1.x's RandomBBoxTransform (and RandomFlip) draw them.
+
+    With t a standard normal truncated to [-1, 1]: shift = t * shift_frac per axis (one t each),
+    applied with shift_prob; scale = mid + t * half-width of `scale_range`, always applied;
+    angle = t * rotation_deg, applied with rotation_prob; flip with flip_prob. `generator` must live
+    on `device`.
+    """
+
+    def uniform(*shape: int) -> Tensor:
+        return torch.rand(shape, generator=generator, device=device)
+
+    low, high = scale_range
+    shift = truncated_normal(uniform(batch, 2)) * shift_frac * (uniform(batch, 1) < shift_prob)
+    scale = (low + high) / 2 + truncated_normal(uniform(batch)) * (high - low) / 2
+    angle = truncated_normal(uniform(batch)) * math.radians(rotation_deg) * (uniform(batch) < rotation_prob)
+    flip = uniform(batch) < flip_prob
+    return ViewParams(flip=flip, scale=scale, angle=angle, shift=shift)
+
+
+def identity_params(batch: int, device: torch.device | str) -> ViewParams:
+    """Parameters that show the plain central view (evaluation)."""
+    return ViewParams(
+        flip=torch.zeros(batch, dtype=torch.bool, device=device),
+        scale=torch.ones(batch, device=device),
+        angle=torch.zeros(batch, device=device),
+        shift=torch.zeros(batch, 2, device=device),
+    )
+
+
+def view_matrices(params: ViewParams, crop_size: int, context: float, out_size: int) -> Tensor:
+    """(B, 2, 3) affines mapping output pixel coordinates to crop pixel coordinates.
+
+    crop = R(angle) * (scale * view / out_size) * M(flip) * (out - out_size / 2) + crop_size / 2
+    + shift * view, with view = crop_size / context and M(flip) = diag(-1, 1) for flipped samples:
+    a flipped output is the mirror image of the same output unflipped.
+    """
+    view = crop_size / context
+    step = params.scale * (view / out_size)
+    cos, sin = params.angle.cos() * step, params.angle.sin() * step
+    mirror = 1.0 - 2.0 * params.flip.to(step.dtype)
+    linear = torch.stack([cos * mirror, -sin, sin * mirror, cos], dim=1).view(-1, 2, 2)
+    centre = crop_size / 2 + params.shift * view
+    translation = centre - linear.sum(dim=2) * (out_size / 2)
+    return torch.cat([linear, translation.unsqueeze(2)], dim=2)
+
+
+def invert_affine(matrices: Tensor) -> Tensor:
+    """Inverse of each (2, 3) affine, in closed form."""
+    a, b, c, d = matrices[:, 0, 0], matrices[:, 0, 1], matrices[:, 1, 0], matrices[:, 1, 1]
+    linear = torch.stack([d, -b, -c, a], dim=1).view(-1, 2, 2) / (a * d - b * c).view(-1, 1, 1)
+    translation = -(linear @ matrices[:, :, 2:])
+    return torch.cat([linear, translation], dim=2)
+
+
+def apply_affine(matrices: Tensor, points: Tensor) -> Tensor:
+    """Map points (B, N, 2) through the (B, 2, 3) affines."""
+    matrices = matrices.to(points.dtype)
+    return points @ matrices[:, :, :2].transpose(1, 2) + matrices[:, :, 2].unsqueeze(1)
+
+
+def _grid_theta(matrices: Tensor, in_size: tuple[int, int], out_size: int) -> Tensor:
+    """Turn output->input pixel affines into `affine_grid`'s theta (align_corners=False, [-1, 1] units).
+
+    Output grid g is pixel u = (g + 1) * out_size / 2; input pixel x is grid x * 2 / size - 1 per axis.
+    """
+    half = out_size / 2
+    linear, translation = matrices[:, :, :2], matrices[:, :, 2]
+    to_grid = 2.0 / matrices.new_tensor(in_size).view(1, 2)
+    theta_linear = linear * (half * to_grid.view(1, 2, 1))
+    theta_translation = (linear.sum(dim=2) * half + translation) * to_grid - 1.0
+    return torch.cat([theta_linear, theta_translation.unsqueeze(2)], dim=2)
+
+
+def warp(
+    images: Tensor,
+    matrices: Tensor,
+    out_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Tensor:
+    """Sample (B, 3, out_size, out_size) float32 inputs from uint8 images through output->crop affines.
+
+    One bilinear `grid_sample` for the batch; outside the crop is black (pixel value 0), then every
+    channel is normalised as (value - mean) / std with mean and std in 0-255 units.
+    """
+    batch, channels, height, width = images.shape
+    theta = _grid_theta(matrices.float(), (width, height), out_size)
+    grid = F.affine_grid(theta, [batch, channels, out_size, out_size], align_corners=False)
+    sampled = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    mean_t = sampled.new_tensor(mean).view(1, -1, 1, 1)
+    std_t = sampled.new_tensor(std).view(1, -1, 1, 1)
+    return ((sampled - mean_t) / std_t).contiguous(memory_format=memory_format)
+
+
+def transform_landmarks(landmarks_crop: Tensor, matrices: Tensor, flip: Tensor) -> Tensor:
+    """Crop-pixel landmarks (B, 98, 2) -> output pixels; flipped samples take point FLIP[i] as point i."""
+    points = apply_affine(invert_affine(matrices), landmarks_crop)
+    permutation = torch.tensor(wflw.FLIP, device=points.device)
+    return torch.where(flip.view(-1, 1, 1), points[:, permutation], points)
+
+
+def augment_batch(
+    images: Tensor,
+    landmarks: Tensor,
+    *,
+    params: ViewParams,
+    crop_size: int,
+    context: float,
+    out_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[Tensor, Tensor]:
+    """Warp a batch of uint8 crops and their crop-pixel landmarks into network inputs and targets.
+
+    Returns normalised float32 inputs (B, 3, out_size, out_size) and targets (B, 98, 2) in [0, 1]
+    units of the input (output pixels / out_size), what DeepPose regresses.
+    """
+    if tuple(images.shape[-2:]) != (crop_size, crop_size):
+        raise ValueError(f"images are {tuple(images.shape[-2:])}, expected crop_size {crop_size}")
+    matrices = view_matrices(params, crop_size, context, out_size)
+    inputs = warp(images, matrices, out_size, mean, std, memory_format)
+    targets = transform_landmarks(landmarks, matrices, params.flip) / out_size
+    return inputs, targets

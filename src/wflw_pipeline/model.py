@@ -1,0 +1,163 @@
+"""DeepPose: a torchvision ResNet backbone, global average pooling, one linear layer to 98 x 2 coordinates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision import models
+from torchvision.models import WeightsEnum
+
+from wflw_pipeline import wflw
+from wflw_pipeline.errors import PipelineError
+
+ARCHITECTURES: dict[str, tuple[Callable[..., models.ResNet], WeightsEnum]] = {
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
+    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
+    "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V2),
+}
+"""arch -> (torchvision constructor, the ImageNet weights `pretrained: imagenet` loads)."""
+
+
+class ModelError(PipelineError):
+    """An unknown architecture, or backbone weights that cannot be obtained or do not fit."""
+
+
+class DeepPose(nn.Module):
+    """ResNet without its fc -> global average pooling -> Linear(features, 98 * 2).
+
+    The output is (B, 98, 2): x then y of each point, normalised to the network input ([0, 1] spans
+    its width and height). The head starts with zero weights and `mean_shape` (default: every point
+    at 0.5, the input centre) as bias, so the first prediction is the mean shape for any image.
+    """
+
+    def __init__(self, arch: str, mean_shape: Tensor | None = None) -> None:
+        super().__init__()
+        self.arch = arch
+        self.backbone = _resnet(arch)
+        features = self.backbone.fc.in_features
+        self.backbone.fc = nn.Identity()
+        self.head = nn.Linear(features, wflw.NUM_POINTS * 2)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.copy_(_initial_bias(mean_shape))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x)).view(-1, wflw.NUM_POINTS, 2)
+
+
+def _resnet(arch: str) -> models.ResNet:
+    if arch not in ARCHITECTURES:
+        raise ModelError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch][0](weights=None)
+
+
+def _initial_bias(mean_shape: Tensor | None) -> Tensor:
+    if mean_shape is None:
+        return torch.full((wflw.NUM_POINTS * 2,), 0.5)
+    if tuple(mean_shape.shape) != (wflw.NUM_POINTS, 2):
+        raise ModelError(f"mean_shape must have shape ({wflw.NUM_POINTS}, 2), got {tuple(mean_shape.shape)}")
+    return mean_shape.detach().float().reshape(-1)
+
+
+def build_model(arch: str, pretrained: str, mean_shape: Tensor | None = None) -> DeepPose:
+    """DeepPose with backbone weights from `pretrained`: `none`, `imagenet`, or a state_dict file path.
+
+    A file must hold a torchvision ResNet state_dict of the same arch (`conv1.weight`, `layer1.0...`);
+    its `fc.*` entries are ignored.
+    """
+    model = DeepPose(arch, mean_shape)
+    if pretrained == "imagenet":
+        _load_backbone(model, _imagenet_state_dict(arch), f"ImageNet weights for {arch}")
+    elif pretrained != "none":
+        _load_backbone(model, _file_state_dict(Path(pretrained)), pretrained)
+    return model
+
+
+def _imagenet_state_dict(arch: str) -> Mapping[str, Tensor]:
+    weights = ARCHITECTURES[arch][1]
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except OSError as err:
+        raise ModelError(
+            f"could not download the ImageNet weights {weights} for {arch} ({err}): this machine is "
+            f"probably offline. Either download them where there is internet (torchvision caches them "
+            f"under {torch.hub.get_dir()}/checkpoints) or save a torchvision {arch} state_dict with "
+            f"`torch.save(torchvision.models.{arch}(weights=...).state_dict(), PATH)` and set "
+            "pretrained to PATH."
+        ) from err
+
+
+def _file_state_dict(path: Path) -> Mapping[str, Tensor]:
+    if not path.is_file():
+        raise ModelError(f"pretrained {str(path)!r}: not 'none', 'imagenet' or an existing state_dict file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
+        raise ModelError(f"{path}: cannot read a state_dict ({type(err).__name__}: {err})") from err
+    if not isinstance(state, Mapping):
+        raise ModelError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def _load_backbone(model: DeepPose, state: Mapping[str, Tensor], source: str) -> None:
+    """Load a torchvision ResNet state_dict (`fc.*` ignored) into the backbone, or say what does not fit."""
+    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    expected = model.backbone.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key} {tuple(state[key].shape)} != {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    for problem, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes", mismatched)):
+        if keys:
+            raise ModelError(
+                f"{source}: not a torchvision {model.arch} state_dict: {len(keys)} {problem}: {keys[:5]}"
+            )
+    model.backbone.load_state_dict(state)
+
+
+class CheckpointError(ModelError):
+    """A trained-model file that is missing, unreadable or not what `wflw train` writes."""
+
+
+TRAINED_KEYS = ("model", "arch", "view")
+VIEW_KEYS = ("crop_size", "context", "input_size")
+
+
+def load_trained(path: Path, device: torch.device | str = "cpu") -> tuple[DeepPose, dict]:
+    """The model `wflw train` saved (data/model/model.pt), in eval mode on `device`, and its info.
+
+    The file is a dict: `model` (state_dict), `arch`, `view` {crop_size, context, input_size},
+    `mean_shape`, `epoch`, `params` (the resolved params of the run). The info returned is that
+    dict without `model`. It is read with `weights_only=True` (no code runs from the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: trained model not found (run `wflw train` first)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
+        raise CheckpointError(f"{path}: cannot read a trained model ({type(err).__name__}: {err})") from err
+    if not isinstance(state, Mapping) or any(key not in state for key in TRAINED_KEYS):
+        found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise CheckpointError(
+            f"{path}: not a model written by `wflw train` (needs {TRAINED_KEYS}, has {found})"
+        )
+    view = state["view"]
+    if not isinstance(view, Mapping) or any(key not in view for key in VIEW_KEYS):
+        raise CheckpointError(f"{path}: `view` must hold {VIEW_KEYS}, found {view!r}")
+    try:
+        model = DeepPose(str(state["arch"]))
+        model.load_state_dict(state["model"])
+    except ModelError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: weights do not fit DeepPose {state['arch']} ({err})") from None
+    info = {key: value for key, value in state.items() if key != "model"}
+    return model.to(device).eval(), info

@@ -1,0 +1,429 @@
+"""Stage train: devices, precision, DDP, the reference schedule, checkpoints, resume, history."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import augment
+from .convert import read_metadata
+from .dataset import FaceSet, load_faces
+from .engine import NonFiniteLossError, Precision, View, epoch_generators, predict, train_one_epoch
+from .errors import PipelineError
+from .losses import build_loss
+from .metrics import nme_per_face
+from .model import build_model
+from .params import LossParams, Params, TrainParams
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+HISTORY_FIELDS = ("epoch", "lr", "train_loss", "val_nme", "seconds", "images_per_s")
+RESUME_SECTIONS = ("model", "loss", "augment", "train")
+
+
+class TrainError(PipelineError):
+    """A training run that cannot start or go on (names the cause)."""
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where the train stage writes: the selected model, the resumable checkpoint, history, metrics."""
+
+    model_dir: Path
+    train_dir: Path
+
+    @property
+    def model(self) -> Path:
+        return self.model_dir / "model.pt"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.train_dir / "checkpoint.pt"
+
+    @property
+    def history(self) -> Path:
+        return self.train_dir / "history.csv"
+
+    @property
+    def metrics(self) -> Path:
+        return self.train_dir / "metrics.json"
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        return cls(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an unavailable explicit choice is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if name == "auto":
+        name = next(kind for kind, ok in available.items() if ok)
+    if not available[name]:
+        raise TrainError(f"{key}: {name} is not available on this machine (use auto or cpu)")
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
+def resolve_precision(precision: str, channels_last: bool, device: torch.device) -> Precision:
+    """`auto`: bf16 autocast on CUDA, fp32 elsewhere; or the precision asked for."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return Precision(torch.bfloat16 if use_bf16 else None, channels_last)
+
+
+def lr_factor(config: TrainParams, iters_per_epoch: int) -> Callable[[int], float]:
+    """LR multiplier per iteration: linear warm-up from warmup_ratio, then step decay or cosine."""
+    total = config.epochs * iters_per_epoch
+
+    def factor(iteration: int) -> float:
+        warm = 1.0
+        if iteration < config.warmup_iters:
+            warm = config.warmup_ratio + (1 - config.warmup_ratio) * iteration / config.warmup_iters
+        if config.schedule == "cosine":
+            return warm * 0.5 * (1 + math.cos(math.pi * min(iteration, total) / total))
+        epoch = iteration // iters_per_epoch
+        return warm * config.gamma ** sum(epoch >= m for m in config.milestones)
+
+    return factor
+
+
+def build_loss_from(config: LossParams, input_size: int) -> nn.Module:
+    """The configured loss module, in the configured units."""
+    options: dict[str, Any] = {"units": config.units, "input_size": input_size}
+    if config.name == "wing":
+        options.update(omega=config.wing.omega, epsilon=config.wing.epsilon)
+    elif config.name == "softwing":
+        options.update(
+            omega1=config.softwing.omega1, omega2=config.softwing.omega2, epsilon=config.softwing.epsilon
+        )
+    elif config.name == "smoothl1":
+        options.update(beta=config.smoothl1_beta)
+    return build_loss(config.name, **options)
+
+
+def mean_shape(faces: FaceSet, view: View) -> torch.Tensor:
+    """Mean landmarks of the un-augmented view, normalised to the network input (98, 2)."""
+    identity = augment.identity_params(len(faces), faces.landmarks.device)
+    matrices = augment.view_matrices(identity, view.crop_size, view.context, view.input_size)
+    points = augment.transform_landmarks(faces.landmarks, matrices, identity.flip)
+    return (points / view.input_size).mean(dim=0).cpu()
+
+
+def val_nme(model: nn.Module, faces: FaceSet, view: View, batch_size: int, precision: Precision) -> float:
+    """NME (%) of the un-augmented predictions on `faces`; NME is the same in crop and image pixels."""
+    pred = predict(model, faces, view=view, batch_size=batch_size, precision=precision)
+    return 100.0 * float(nme_per_face(pred.numpy(), faces.landmarks.cpu().numpy()).mean())
+
+
+def baseline_nme(shape: torch.Tensor, faces: FaceSet, view: View) -> float:
+    """NME (%) of always predicting `shape`, the mean training shape."""
+    identity = augment.identity_params(1, "cpu")
+    matrix = augment.view_matrices(identity, view.crop_size, view.context, view.input_size)[0].double()
+    points = (shape.double() * view.input_size) @ matrix[:, :2].T + matrix[:, 2]
+    pred = np.broadcast_to(points.numpy(), (len(faces), *points.shape))
+    return 100.0 * float(nme_per_face(pred, faces.landmarks.cpu().numpy()).mean())
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_history(rows: list[dict[str, Any]], path: Path) -> None:
+    """history.csv: one row per epoch (an empty val_nme where there is no val split)."""
+    lines = [",".join(HISTORY_FIELDS)]
+    lines += [",".join(_csv_value(row[field]) for field in HISTORY_FIELDS) for row in rows]
+    _write_text_atomic("\n".join(lines) + "\n", path)
+
+
+def _csv_value(value: Any) -> str:
+    return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
+
+
+def _resume_key(params: Params, data: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal for a checkpoint to be continued: the params train reads and the data."""
+    full = params.to_dict()
+    return {**{section: full[section] for section in RESUME_SECTIONS}, "data": data}
+
+
+def load_checkpoint(path: Path, key: dict[str, Any], mode: str) -> dict[str, Any] | None:
+    """The checkpoint to continue from (`train.resume: auto`), or None to start afresh."""
+    if mode == "never" or not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("resume_key") != key:
+        logger.warning("%s was written with other params or data: starting afresh", path)
+        return None
+    logger.info("resuming from %s after epoch %d", path, state["epoch"])
+    return state
+
+
+class _Run:
+    """The mutable state of one training run: model, optimiser, schedule, history, best epoch."""
+
+    def __init__(self, params: Params, train: FaceSet, device: torch.device, world: Distributed) -> None:
+        config = params.train
+        self.params = params
+        self.view = View(train.crop_size, train.context, params.model.input_size)
+        self.mean_shape = mean_shape(train, self.view)
+        self.model = build_model(params.model.arch, params.model.pretrained, self.mean_shape).to(device)
+        self.precision = resolve_precision(config.precision, config.channels_last, device)
+        self.model = self.model.to(memory_format=self.precision.memory_format())
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        global_batch = config.batch_size * world.world_size
+        self.iters_per_epoch = max(1, len(train) // global_batch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(config, self.iters_per_epoch)
+        )
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"epoch": 0, "val_nme": None, "model": None}
+
+    def state(self, key: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history,
+            "best": self.best,
+            "mean_shape": self.mean_shape,
+            "params": self.params.to_dict(),
+            "resume_key": key,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        self.mean_shape = state["mean_shape"]
+
+    def record(self, result, nme: float | None, world: Distributed) -> dict[str, Any]:
+        """Append one epoch to the history; keep its weights if it is the best on val so far."""
+        row = {
+            "epoch": self.epoch,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": result.loss,
+            "val_nme": nme,
+            "seconds": result.seconds,
+            "images_per_s": result.images / max(result.seconds, 1e-9),
+        }
+        self.history.append(row)
+        improved = nme is not None and (self.best["val_nme"] is None or nme < self.best["val_nme"])
+        if improved:
+            self.best = {"epoch": self.epoch, "val_nme": nme, "model": self.cpu_weights()}
+        return row
+
+    def selected_weights(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """The epoch and weights model selection picked: best on val, or the last epoch."""
+        if self.best["model"] is not None:
+            return self.best["epoch"], self.best["model"]
+        return self.epoch, self.cpu_weights()
+
+    def cpu_weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def _data_identity(path: Path) -> dict[str, Any]:
+    meta = read_metadata(path)
+    return {"archives": meta.get("archives"), "crop": meta.get("crop")}
+
+
+def run_train(
+    params: Params,
+    parquet_dir: Path,
+    outputs: Outputs,
+    after_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Stage train: fit DeepPose on train.parquet, select on val.parquet, write model and history."""
+    config = params.train
+    world = Distributed.from_env()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device, world.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world.world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _train(params, parquet_dir, outputs, device, world, after_step)
+    finally:
+        if world.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(
+    params: Params,
+    parquet_dir: Path,
+    outputs: Outputs,
+    device: torch.device,
+    world: Distributed,
+    after_step: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> dict[str, Any]:
+    config = params.train
+    torch.manual_seed(config.seed)
+    train = load_faces(parquet_dir / "train.parquet", device)
+    val = load_faces(parquet_dir / "val.parquet", device)
+    if len(train) == 0:
+        raise TrainError(f"{parquet_dir / 'train.parquet'}: no training faces")
+    run = _Run(params, train, device, world)
+    key = _resume_key(params, _data_identity(parquet_dir / "train.parquet"))
+    state = load_checkpoint(outputs.checkpoint, key, config.resume)
+    if state is not None:
+        run.restore(state)
+    module = run.model
+    model: nn.Module = DistributedDataParallel(module) if world.world_size > 1 else module
+    if config.compile:
+        model = torch.compile(model)
+    loss_fn = build_loss_from(params.loss, params.model.input_size)
+    logger.info(
+        "training %s on %s (%d train, %d val faces, %d process(es), %s)",
+        params.model.arch,
+        device,
+        len(train),
+        len(val),
+        world.world_size,
+        "bf16" if run.precision.dtype is not None else "fp32",
+    )
+    while run.epoch < config.epochs:
+        order, augmentation = epoch_generators(config.seed, run.epoch, world.rank, device)
+        try:
+            result = train_one_epoch(
+                model,
+                run.optimizer,
+                run.scheduler,
+                loss_fn,
+                train,
+                view=run.view,
+                augmentation=params.augment,
+                batch_size=config.batch_size,
+                order_generator=order,
+                augment_generator=augmentation,
+                precision=run.precision,
+                rank=world.rank,
+                world_size=world.world_size,
+                progress=world.main,
+                after_step=after_step,
+            )
+        except NonFiniteLossError as err:
+            kept = (
+                f"; {outputs.checkpoint} (epoch {run.epoch}) is kept" if outputs.checkpoint.exists() else ""
+            )
+            raise TrainError(f"epoch {run.epoch + 1}: {err}{kept}") from None
+        run.epoch += 1
+        nme = val_nme(module, val, run.view, config.batch_size, run.precision) if len(val) else None
+        row = run.record(result, nme, world)
+        if world.main:
+            _log_epoch(row, config.epochs)
+            _save_atomic(run.state(key), outputs.checkpoint)
+            write_history(run.history, outputs.history)
+        world.barrier()
+    metrics = _finish(run, val, outputs, world)
+    world.barrier()
+    return metrics
+
+
+def _log_epoch(row: dict[str, Any], epochs: int) -> None:
+    val = "" if row["val_nme"] is None else f", val NME {row['val_nme']:.3f} %"
+    logger.info(
+        "epoch %d/%d: loss %.5f%s, lr %.2e, %.1f s, %.0f images/s",
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        val,
+        row["lr"],
+        row["seconds"],
+        row["images_per_s"],
+    )
+
+
+def _finish(run: _Run, val: FaceSet, outputs: Outputs, world: Distributed) -> dict[str, Any]:
+    """Write the selected model and the run's metrics (rank 0 only); return the metrics."""
+    epoch, weights = run.selected_weights()
+    history = run.history
+    speeds = [row["images_per_s"] for row in history if row["epoch"] > 1] or [history[-1]["images_per_s"]]
+    metrics = {
+        "epochs": run.epoch,
+        "selected_epoch": epoch,
+        "selected_by": "val_nme" if run.best["model"] is not None else "last_epoch",
+        "val_nme": run.best["val_nme"],
+        "baseline_val_nme": baseline_nme(run.mean_shape, val, run.view) if len(val) else None,
+        "train_loss": history[-1]["train_loss"],
+        "train_seconds": sum(row["seconds"] for row in history),
+        "images_per_s": statistics.median(speeds),
+        "world_size": world.world_size,
+    }
+    if world.main:
+        model = {
+            "format_version": FORMAT_VERSION,
+            "model": weights,
+            "arch": run.params.model.arch,
+            "view": {
+                "crop_size": run.view.crop_size,
+                "context": run.view.context,
+                "input_size": run.view.input_size,
+            },
+            "mean_shape": run.mean_shape,
+            "epoch": epoch,
+            "params": run.params.to_dict(),
+        }
+        _save_atomic(model, outputs.model)
+        _write_text_atomic(json.dumps(metrics, indent=2) + "\n", outputs.metrics)
+        logger.info("wrote %s (epoch %d, selected by %s)", outputs.model, epoch, metrics["selected_by"])
+    return metrics

@@ -1,0 +1,229 @@
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import small_dataset
+
+from wflw_pipeline import convert, engine, train
+from wflw_pipeline.dataset import FaceSet, load_faces
+from wflw_pipeline.model import build_model
+from wflw_pipeline.params import AugmentParams, ConvertParams, Params, TrainParams, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_AUGMENT = AugmentParams(flip_prob=0, rotation_prob=0, shift_prob=0, scale_min=1, scale_max=1)
+
+
+def _params(**train_overrides) -> Params:
+    base = load_params(ROOT / "params.yaml")
+    return replace(
+        base,
+        model=replace(base.model, arch="resnet18", pretrained="none", input_size=32),
+        train=replace(
+            base.train,
+            **{
+                "epochs": 2,
+                "batch_size": 4,
+                "lr": 1e-3,
+                "warmup_iters": 2,
+                "device": "cpu",
+                "compile": False,
+                **train_overrides,
+            },
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def parquet_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    small_dataset(root / "raw", train=10, test=3)
+    params = ConvertParams(crop_size=48, val_fraction=0.2, workers=1)
+    convert.run_convert(params, root / "raw", root / "parquet")
+    return root / "parquet"
+
+
+def _outputs(tmp_path: Path) -> train.Outputs:
+    return train.Outputs(tmp_path / "model", tmp_path / "train")
+
+
+def test_lr_schedule_matches_the_reference_by_hand():
+    config = TrainParams(epochs=210, warmup_iters=500, warmup_ratio=0.001, milestones=(170, 200), gamma=0.1)
+    factor = train.lr_factor(config, iters_per_epoch=15)
+    assert factor(0) == pytest.approx(0.001)
+    assert factor(250) == pytest.approx(0.001 + 0.999 * 250 / 500)
+    assert factor(500) == pytest.approx(1.0)
+    assert factor(169 * 15 + 14) == pytest.approx(1.0)
+    assert factor(170 * 15) == pytest.approx(0.1)
+    assert factor(200 * 15) == pytest.approx(0.01)
+    cosine = train.lr_factor(replace(config, schedule="cosine", warmup_iters=0), iters_per_epoch=10)
+    assert cosine(0) == pytest.approx(1.0)
+    assert cosine(1050) == pytest.approx(0.5)
+    assert cosine(2100) == pytest.approx(0.0)
+
+
+def test_unavailable_device_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(train.TrainError, match=r"train.device: cuda is not available"):
+        train.resolve_device("cuda")
+    assert train.resolve_device("auto") == torch.device("cpu")
+
+
+def _toy_faces(n: int = 16, size: int = 48) -> FaceSet:
+    """Crops with a bright dot at a few random landmark positions, so the points are learnable."""
+    generator = torch.Generator().manual_seed(0)
+    landmarks = 12 + 24 * torch.rand(n, 98, 2, generator=generator)
+    images = torch.full((n, 3, size, size), 30, dtype=torch.uint8)
+    for i in range(n):
+        for x, y in landmarks[i, ::10].long().tolist():
+            images[i, :, y - 1 : y + 2, x - 1 : x + 2] = 255
+    crop = {"crop_size": size, "context": 1.5}
+    return FaceSet(
+        images, landmarks, torch.zeros(n, 6, dtype=torch.bool), torch.arange(n), np.zeros((n, 2, 3)), crop
+    )
+
+
+def test_loss_falls_on_16_faces_within_a_few_steps():
+    torch.manual_seed(0)
+    faces = _toy_faces()
+    view = engine.View(48, 1.5, 32)
+    model = build_model("resnet18", "none", train.mean_shape(faces, view))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    loss_fn = train.build_loss_from(Params().loss, 32)
+    losses = []
+    for epoch in range(8):
+        order, augmentation = engine.epoch_generators(0, epoch, 0, torch.device("cpu"))
+        result = engine.train_one_epoch(
+            model,
+            optimizer,
+            scheduler,
+            loss_fn,
+            faces,
+            view=view,
+            augmentation=NO_AUGMENT,
+            batch_size=16,
+            order_generator=order,
+            augment_generator=augmentation,
+            precision=engine.Precision(None, channels_last=True),
+            progress=False,
+        )
+        losses.append(result.loss)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_train_writes_model_history_metrics_and_a_checkpoint(tmp_path, parquet_dir):
+    metrics = train.run_train(_params(), parquet_dir, _outputs(tmp_path))
+    out = _outputs(tmp_path)
+    history = out.history.read_text().splitlines()
+    assert history[0] == "epoch,lr,train_loss,val_nme,seconds,images_per_s"
+    assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]
+    assert json.loads(out.metrics.read_text()) == metrics
+    assert metrics["epochs"] == 2 and metrics["selected_by"] == "val_nme"
+    assert metrics["selected_epoch"] in (1, 2)
+    assert math.isfinite(metrics["val_nme"]) and math.isfinite(metrics["baseline_val_nme"])
+    saved = torch.load(out.model, weights_only=False)
+    assert saved["arch"] == "resnet18" and saved["view"] == {
+        "crop_size": 48,
+        "context": 1.5,
+        "input_size": 32,
+    }
+    assert Params.from_dict(saved["params"]) == _params()
+    assert torch.load(out.checkpoint, weights_only=False)["epoch"] == 2
+
+
+def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, parquet_dir, monkeypatch):
+    params = _params(epochs=3, threads=1)
+    straight = train.run_train(params, parquet_dir, _outputs(tmp_path / "straight"))
+
+    real_write = train.write_history
+
+    def killed_after_first_epoch(rows, path):
+        real_write(rows, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "write_history", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(params, parquet_dir, _outputs(tmp_path / "killed"))
+    monkeypatch.setattr(train, "write_history", real_write)
+    assert torch.load(_outputs(tmp_path / "killed").checkpoint, weights_only=False)["epoch"] == 1
+    resumed = train.run_train(params, parquet_dir, _outputs(tmp_path / "killed"))
+
+    assert resumed["epochs"] == 3
+    assert len(_outputs(tmp_path / "killed").history.read_text().splitlines()) == 1 + 3
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-4)
+    assert resumed["val_nme"] == pytest.approx(straight["val_nme"], rel=1e-4)
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, parquet_dir, caplog):
+    train.run_train(_params(epochs=1), parquet_dir, _outputs(tmp_path))
+    metrics = train.run_train(_params(epochs=1, lr=5e-4), parquet_dir, _outputs(tmp_path))
+    assert "written with other params or data: starting afresh" in caplog.text
+    assert metrics["epochs"] == 1
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, parquet_dir):
+    calls = {"n": 0}
+
+    def poison(loss):
+        calls["n"] += 1
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    out = _outputs(tmp_path)
+    with pytest.raises(
+        train.TrainError, match=r"epoch 2: the training loss became NaN or infinite .* is kept"
+    ):
+        train.run_train(_params(), parquet_dir, out, after_step=poison)
+    assert torch.load(out.checkpoint, weights_only=False)["epoch"] == 1
+    assert not out.model.exists()
+
+
+def test_data_loads_once_as_uint8_on_the_device(parquet_dir):
+    faces = load_faces(parquet_dir / "train.parquet")
+    assert faces.images.dtype == torch.uint8 and faces.images.shape[1:] == (3, 48, 48)
+    assert faces.landmarks.shape == (len(faces), 98, 2)
+    assert faces.crop_size == 48 and faces.context == 1.5
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_trains_and_writes_one_checkpoint(tmp_path, parquet_dir):
+    import subprocess
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(json.dumps(_params(epochs=1).to_dict()))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "wflw_pipeline.cli",
+        "train",
+        "--params",
+        str(params_file),
+        "--set",
+        "train.threads=1",
+        "--parquet",
+        str(parquet_dir),
+        "--model-dir",
+        str(tmp_path / "model"),
+        "--train-dir",
+        str(tmp_path / "train"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
+        "checkpoint.pt",
+        "history.csv",
+        "metrics.json",
+    ]
+    metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    assert torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=False)["epoch"] == 1

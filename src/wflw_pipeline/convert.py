@@ -12,7 +12,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import wflw
 from .errors import PipelineError
+from .fileio import atomic_paths
 from .params import ConvertParams
 
 logger = logging.getLogger(__name__)
@@ -454,16 +455,8 @@ def _source(raw_dir: Path) -> str:
 
 def _write_outputs(out_dir: Path, splits: dict[str, list[dict]], metadata: dict, summary: dict) -> None:
     """Write every output to a temp file first, then rename them all: no partial output survives."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     targets = {out_dir / f"{split}.parquet": rows for split, rows in splits.items()}
-    with ExitStack() as cleanup:
-        temps: dict[Path, Path] = {}
-        for target in [*targets, out_dir / "summary.json"]:
-            temp = target.with_name(f".{target.name}.tmp")
-            temps[target] = temp
-            cleanup.callback(temp.unlink, missing_ok=True)
+    with atomic_paths([*targets, out_dir / "summary.json"]) as temps:
         for target, rows in targets.items():
             write_parquet(rows, temps[target], metadata)
         temps[out_dir / "summary.json"].write_text(json.dumps(summary, indent=2) + "\n")
-        for target, temp in temps.items():
-            os.replace(temp, target)

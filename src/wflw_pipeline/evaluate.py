@@ -25,9 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ from .convert import read_metadata
 from .dataset import FaceSet, batch_indices, load_faces
 from .engine import Precision, View, predict
 from .errors import PipelineError
+from .fileio import atomic_paths
 from .metrics import auc, ced, failure_rate, nme_per_face
 from .model import DeepPose, load_trained
 from .params import EvaluateParams
@@ -578,13 +577,8 @@ def _write_outputs(
     outputs: EvalOutputs, metrics: dict[str, Any], result: SplitResult, context: _Context, grid_faces: int
 ) -> None:
     """Write every output to a temporary file first, then rename them all: no partial output survives."""
-    outputs.out_dir.mkdir(parents=True, exist_ok=True)
     thresholds, curves = ced_table(result, context.threshold)
-    with ExitStack() as cleanup:
-        temps: dict[Path, Path] = {}
-        for target in _all_paths(outputs):
-            temps[target] = target.with_name(f".{target.name}.tmp")
-            cleanup.callback(temps[target].unlink, missing_ok=True)
+    with atomic_paths(_all_paths(outputs)) as temps:
         temps[outputs.metrics].write_text(json.dumps(metrics, indent=2) + "\n")
         pq.write_table(per_face_table(result), temps[outputs.per_face])
         temps[outputs.ced_csv].write_text(ced_csv(thresholds, curves))
@@ -592,5 +586,3 @@ def _write_outputs(
         plot_ced(thresholds, curves, metrics, context, temps[outputs.ced_png])
         plot_nme_subsets(metrics, context, temps[outputs.nme_png])
         plot_best_worst(result, grid_faces, temps[outputs.grid_png])
-        for target, temp in temps.items():
-            os.replace(temp, target)

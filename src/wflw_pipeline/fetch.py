@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ import requests
 from tqdm import tqdm
 
 from wflw_pipeline.errors import PipelineError
+from wflw_pipeline.fileio import atomic_path, write_json
 from wflw_pipeline.params import DataParams, LocalSourceParams, SyntheticParams, WflwSourceParams
 from wflw_pipeline.wflw import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE
 
@@ -220,28 +220,14 @@ def download_cached(archive: _Archive, params: WflwSourceParams) -> tuple[Path, 
 
 def place(src: Path, dest: Path, link: bool) -> None:
     """Atomically make `dest` a copy of `src`, or (`link`) a hard link where the filesystem allows."""
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_path(dest) as temp:
+        temp.unlink()
         try:
             if not link:
                 raise OSError("copy requested")
-            os.link(src, tmp)
+            os.link(src, temp)
         except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            shutil.copyfile(src, temp)
 
 
 def _entry(path: Path, digest: str, origin: str) -> dict[str, Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from wflw_pipeline import wflw
+from wflw_pipeline.fileio import atomic_path
 
 CELL = 128
 """Side of one face in the grid, in pixels."""
@@ -96,13 +95,5 @@ def write_preview(parquet_path: Path, out_png: Path, per_row: int = 8, seed: int
         draw.text((10, row * CELL + 10), f"{name}\n{len(rows[name])} faces", fill=(235, 235, 235), font=font)
         for column, index in enumerate(picks[name]):
             grid.paste(_cell(*faces[int(index)]), (LABEL_WIDTH + column * CELL, row * CELL))
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=out_png.parent, prefix=f".{out_png.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            grid.save(handle, format="PNG")
-        os.chmod(temp, 0o644)
-        os.replace(temp, out_png)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out_png) as temp:
+        grid.save(temp, format="PNG")

@@ -20,7 +20,6 @@ import math
 import multiprocessing
 import os
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from wflw_pipeline import wflw
+from wflw_pipeline.fileio import atomic_path
 from wflw_pipeline.params import SyntheticParams
 
 logger = logging.getLogger(__name__)
@@ -1127,21 +1127,13 @@ def plan_jobs(params: SyntheticParams) -> list[ImageJob]:
 @contextlib.contextmanager
 def _atomic_tar(path: Path, compresslevel: int) -> Iterator[tarfile.TarFile]:
     """A reproducible .tar.gz (gzip mtime 0) written to a temp file, renamed onto `path` on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with (
-            os.fdopen(fd, "wb") as raw,
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel) as gz,
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar,
-        ):
-            yield tar
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    with (
+        atomic_path(path) as temp,
+        open(temp, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar,
+    ):
+        yield tar
 
 
 def _tar_info(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:

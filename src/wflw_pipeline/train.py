@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,11 +17,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import augment
+from . import augment, fileio
 from .convert import read_metadata
 from .dataset import FaceSet, load_faces
 from .engine import NonFiniteLossError, Precision, View, epoch_generators, predict, train_one_epoch
 from .errors import PipelineError
+from .fileio import atomic_path
 from .losses import build_loss
 from .metrics import nme_per_face
 from .model import build_model
@@ -162,30 +162,15 @@ def baseline_nme(shape: torch.Tensor, faces: FaceSet, view: View) -> float:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as temp:
         torch.save(obj, temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def _write_text_atomic(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        temp.write_text(text)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def write_history(rows: list[dict[str, Any]], path: Path) -> None:
     """history.csv: one row per epoch (an empty val_nme where there is no val split)."""
     lines = [",".join(HISTORY_FIELDS)]
     lines += [",".join(_csv_value(row[field]) for field in HISTORY_FIELDS) for row in rows]
-    _write_text_atomic("\n".join(lines) + "\n", path)
+    fileio.write_text(path, "\n".join(lines) + "\n")
 
 
 def _csv_value(value: Any) -> str:
@@ -424,6 +409,6 @@ def _finish(run: _Run, val: FaceSet, outputs: Outputs, world: Distributed) -> di
             "params": run.params.to_dict(),
         }
         _save_atomic(model, outputs.model)
-        _write_text_atomic(json.dumps(metrics, indent=2) + "\n", outputs.metrics)
+        fileio.write_json(outputs.metrics, metrics)
         logger.info("wrote %s (epoch %d, selected by %s)", outputs.model, epoch, metrics["selected_by"])
     return metrics

@@ -199,7 +199,15 @@ def test_missing_or_garbled_checkpoints_name_the_path(tmp_path):
     with pytest.raises(CheckpointError, match=r"partial\.pt: not a model written by `wflw train`"):
         load_trained(partial)
     wrong = tmp_path / "wrong.pt"
-    torch.save({"model": {"x": torch.zeros(1)}, "arch": "resnet18", "view": dict.fromkeys("abc")}, wrong)
+    torch.save(
+        {
+            "model": {"x": torch.zeros(1)},
+            "arch": "resnet18",
+            "view": dict.fromkeys("abc"),
+            "mean_shape": None,
+        },
+        wrong,
+    )
     with pytest.raises(CheckpointError, match=r"wrong\.pt: `view` must hold"):
         load_trained(wrong)
 
@@ -211,7 +219,8 @@ def test_the_stage_writes_every_output_with_the_documented_keys(trained, tmp_pat
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == metrics
-    assert set(saved) == SUBSET_KEYS | {"val", "config"}
+    assert set(saved) == SUBSET_KEYS | {"val", "mean_shape", "config"}
+    assert saved["mean_shape"]["nme"] > 0
     assert saved["config"]["flip_test"] is True and saved["config"]["input_size"] == 32
     for key in [*SUBSET_KEYS, "val"]:
         assert set(saved[key]) == {"nme", "fr", "auc", "n"}, key

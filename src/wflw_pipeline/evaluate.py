@@ -45,7 +45,7 @@ from .fileio import atomic_paths
 from .metrics import auc, ced, failure_rate, nme_per_face
 from .model import DeepPose, load_trained
 from .params import EvaluateParams
-from .train import resolve_device, resolve_precision
+from .train import baseline_nme, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,8 @@ def run_evaluate(
 ) -> dict[str, Any]:
     """Stage evaluate: score `model_path` on `parquet_dir`'s test (and val) split; write `out_dir`.
 
-    Returns what metrics.json holds: {"test", six subsets[, "val"]: {nme %, fr %, auc, n}, "config": ...}.
+    Returns what metrics.json holds: {"test", six subsets[, "val"]: {nme %, fr %, auc, n},
+    "mean_shape": {nme % of always predicting the mean training shape on test}, "config": ...}.
     """
     model_path, parquet_dir, outputs = Path(model_path), Path(parquet_dir), EvalOutputs(Path(out_dir))
     test_path, val_path = parquet_dir / "test.parquet", parquet_dir / "val.parquet"
@@ -298,6 +299,7 @@ def run_evaluate(
     if val is not None and len(val):
         val_result = predict_split(model, val, val_path, view=view, params=params, precision=precision)
         metrics["val"] = subset_metrics(val_result.nme, threshold)
+    metrics["mean_shape"] = {"nme": baseline_nme(info["mean_shape"], test, view)}
     metrics["config"] = {
         "flip_test": params.flip_test,
         "epoch": info.get("epoch"),
@@ -317,6 +319,7 @@ def run_evaluate(
     )
     _write_outputs(outputs, metrics, result, context, params.grid_faces)
     logger.info("NME (%%): %s", ", ".join(f"{k} {_fmt(metrics[k]['nme'])}" for k in TABLE_SUBSETS))
+    logger.info("always predicting the mean training shape: test NME %.2f %%", metrics["mean_shape"]["nme"])
     logger.info("wrote %s", ", ".join(str(p) for p in _all_paths(outputs)))
     return metrics
 

@@ -126,7 +126,7 @@ class CheckpointError(ModelError):
     """A trained-model file that is missing, unreadable or not what `wflw train` writes."""
 
 
-TRAINED_KEYS = ("model", "arch", "view")
+TRAINED_KEYS = ("model", "arch", "view", "mean_shape")
 VIEW_KEYS = ("crop_size", "context", "input_size")
 
 

@@ -1,4 +1,8 @@
-"""Stage fetch: generate, download or copy the two WFLW archives, verify them, write a manifest."""
+"""Stage fetch: generate, download or copy the two WFLW archives, verify them, write a manifest.
+
+`requests` and `gdown` are imported only by the download path, so the synthetic and local sources
+run on a machine with the torch stack alone.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,18 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import requests
 from tqdm import tqdm
 
 from wflw_pipeline.errors import PipelineError
 from wflw_pipeline.fileio import atomic_path, write_json
 from wflw_pipeline.params import DataParams, LocalSourceParams, SyntheticParams, WflwSourceParams
 from wflw_pipeline.wflw import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE
+
+if TYPE_CHECKING:
+    import requests
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +127,8 @@ def _stream_to(response: requests.Response, path: Path, offset: int, total: int 
 
 def http_download(url: str, dest: Path, timeout_s: float) -> None:
     """One attempt to download `url` into `dest` through `<dest>.part`, resuming with a Range request."""
+    import requests
+
     part = part_path(dest)
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity"}
@@ -168,6 +176,8 @@ def drive_download(url: str, dest: Path, timeout_s: float) -> None:
 
 
 def _is_transient(error: Exception) -> bool:
+    import requests
+
     if isinstance(error, requests.HTTPError):
         status = error.response.status_code if error.response is not None else 0
         return status >= 500 or status in (408, 429)
@@ -182,6 +192,8 @@ def _is_transient(error: Exception) -> bool:
 
 def with_retries(attempt: Callable[[], None], url: str, retries: int) -> None:
     """Run `attempt`, retrying transient failures `retries` times with exponential backoff."""
+    import requests
+
     for n in range(retries + 1):
         try:
             attempt()

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Every GPU measurement BENCHMARKS.md asks for, in one run of at most ~8 minutes, with the torch stack only
+# (torch, torchvision, numpy, pyarrow, Pillow, scikit-learn, PyYAML, matplotlib, tqdm: no dvc, mlflow,
+# prefect, requests, no pip install). Run it from the repository root:
+#
+#     bash scripts/gpu_check.sh                       # on the GPU box
+#     GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh     # (or --smoke) every size shrunk: a 1-2 minute CPU check
+#
+# 1. train-step: ResNet-50 256x256, bf16, channels_last, batch 256, 200 steps x 3 repeats, with and without
+#    torch.compile                                                     -> train_step.json
+# 2. epoch: whole epochs of 7,500 in-memory faces (data + step), projected 210-epoch schedule -> epoch.json
+# 3. loader: our on-device batch augmentation vs a reference-style per-sample DataLoader     -> loader.json
+# 4. a short real training on synthetic WFLW through the CLI (fetch, convert, train, evaluate) on the GPU:
+#    history.csv (val NME per epoch) and the test metrics -> pipeline_history.csv, pipeline_metrics.json
+#
+# Results go to $OUT when it is set (at most 8 files there), else to data/bench; the generated data and the
+# compile cache go to a scratch folder ($GPU_CHECK_WORK, default a new /tmp folder). Each step has a time
+# limit inside the overall budget, and a failed or timed-out step does not stop the others; the script
+# exits non-zero if any step failed. Everything it prints is also in gpu_check.log.
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SMOKE=${GPU_CHECK_SMOKE:-0}
+[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+PY=${PYTHON:-$(command -v python || command -v python3)}
+RESULTS=${OUT:-data/bench}
+WORK=${GPU_CHECK_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/wflw_gpu_check.XXXXXX")}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-470}
+mkdir -p "$RESULTS" "$WORK"
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"   # steps 1 and 2 compile the same graph: the second hits
+export TQDM_MININTERVAL=5   # fewer progress-bar redraws in the log
+exec > >(tee -a "$RESULTS/gpu_check.log") 2>&1
+
+CLI=("$PY" -m wflw_pipeline.cli)
+FAILED=()
+START=$SECONDS
+
+if [[ "$SMOKE" == 1 ]]; then
+    STEP_ARGS=(--arch resnet18 --input-size 64 --batch-size 8 --steps 2 --warmup 1 --repeats 2 --compile off)
+    EPOCH_ARGS=(--arch resnet18 --faces 32 --batch-size 8 --epochs 2 --crop-size 96 --input-size 64 --compile off)
+    LOADER_ARGS=(--faces 16 --batch-size 8 --batches 2 --warmup 1 --repeats 2 --min-image-size 300
+                 --max-image-size 400 --crop-size 96 --input-size 64)
+    PIPELINE=(data.synthetic.train_faces=48 data.synthetic.test_faces=24 data.synthetic.max_image_size=400
+              convert.crop_size=48 model.input_size=32 train.epochs=2 train.batch_size=8 train.warmup_iters=2
+              train.milestones=[10] evaluate.batch_size=16)
+    LIMITS=(60 60 60 120)
+else
+    STEP_ARGS=(--arch resnet50 --input-size 256 --batch-size 256 --steps 200 --warmup 10 --repeats 3
+               --precision bf16 --channels-last --compile both)
+    EPOCH_ARGS=(--arch resnet50 --faces 7500 --batch-size 256 --epochs 3 --crop-size 384 --input-size 256
+                --precision bf16 --channels-last --compile on)
+    LOADER_ARGS=(--faces 512 --batch-size 64 --batches 100 --warmup 10 --repeats 3)
+    # The embedded default (ResNet-18, 64 px crops of 96) on 3,000 synthetic faces, 20 epochs: a
+    # real training through the same commands DVC runs, with bf16/channels_last/fused Adam on the GPU.
+    PIPELINE=(data.synthetic.train_faces=3000 data.synthetic.test_faces=500 train.epochs=20)
+    LIMITS=(260 120 60 100)
+fi
+
+remaining() { echo $((BUDGET_S - (SECONDS - START))); }
+
+# run NAME LIMIT_S COMMAND...: run one step within min(LIMIT_S, what is left of the budget)
+run() {
+    local name=$1 limit=$2
+    shift 2
+    local left
+    left=$(remaining)
+    ((left < limit)) && limit=$left
+    if ((limit < 10)); then
+        echo "=== $name: SKIPPED (budget of ${BUDGET_S}s spent)"
+        FAILED+=("$name(skipped)")
+        return 1
+    fi
+    echo
+    echo "=== $name (limit ${limit}s, $((SECONDS - START)) s into the run)"
+    local shown="$*"
+    echo "+ ${shown:0:300}"
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+    if ((rc != 0)); then
+        FAILED+=("$name(rc=$rc)")
+        return 1
+    fi
+}
+
+echo "=== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) smoke=$SMOKE results=$RESULTS work=$WORK"
+git log -1 --format='commit %H %s' 2>/dev/null || true
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv 2>/dev/null \
+    || echo "(no nvidia-smi)"
+echo "nproc $(nproc); $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null)"
+"$PY" - <<'EOF'
+import sys
+import torch, torchvision
+print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision", torchvision.__version__,
+      "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+# What gpu_check runs must not need the orchestration stack (the GPU box does not have it).
+from wflw_pipeline import bench, cli, convert, evaluate, fetch, synthetic, train  # noqa: F401
+cli.build_parser()
+loaded = [m for m in ("requests", "gdown", "dvc", "mlflow", "prefect") if m in sys.modules]
+print("non-torch-stack modules imported:", loaded or "none")
+EOF
+
+# 1. train-step (the headline: images/s, MFU) --------------------------------------------------------
+run train-step "${LIMITS[0]}" "${CLI[@]}" bench train-step "${STEP_ARGS[@]}" --out "$RESULTS"
+
+# 2. epoch: data + step end to end, projected reference schedule -------------------------------------
+run epoch "${LIMITS[1]}" "${CLI[@]}" bench epoch "${EPOCH_ARGS[@]}" --out "$RESULTS"
+
+# 3. loader: ours vs reference-style, same faces -----------------------------------------------------
+run loader "${LIMITS[2]}" "${CLI[@]}" bench loader "${LOADER_ARGS[@]}" --work "$WORK/loader" --out "$RESULTS"
+
+# 4. a short training through the stage commands --------------------------------------------------------
+P=$WORK/pipeline
+SETS=()
+for kv in "${PIPELINE[@]}"; do SETS+=(--set "$kv"); done
+pipeline() {
+    set -e
+    "${CLI[@]}" fetch --out "$P/raw" "${SETS[@]}"
+    "${CLI[@]}" convert --raw "$P/raw" --out "$P/parquet" "${SETS[@]}"
+    "${CLI[@]}" train --parquet "$P/parquet" --model-dir "$P/model" --train-dir "$P/train" "${SETS[@]}"
+    "${CLI[@]}" evaluate --checkpoint "$P/model/model.pt" --parquet "$P/parquet" --out "$P/eval" "${SETS[@]}"
+    echo "--- history.csv (val NME in %, per epoch)"
+    cat "$P/train/history.csv"
+    cp "$P/train/history.csv" "$RESULTS/pipeline_history.csv"
+    "$PY" - "$P" "$RESULTS/pipeline_metrics.json" "$SMOKE" <<'EOF'
+import json, sys
+from pathlib import Path
+p = Path(sys.argv[1])
+train = json.loads((p / "train/metrics.json").read_text())
+test = json.loads((p / "eval/metrics.json").read_text())
+history = [line.split(",") for line in (p / "train/history.csv").read_text().splitlines()[1:]]
+nme = [float(row[3]) for row in history if row[3]]
+out = {"train": train, "eval": test, "val_nme_first": nme[0] if nme else None,
+       "val_nme_last": nme[-1] if nme else None}
+Path(sys.argv[2]).write_text(json.dumps(out, indent=2) + "\n")
+print(f"val NME {out['val_nme_first']:.2f} % (epoch 1) -> {out['val_nme_last']:.2f} % (last); "
+      f"baseline (mean shape) {train['baseline_val_nme']:.2f} %; test NME {test['test']['nme']:.2f} %; "
+      f"train {train['images_per_s']:.0f} images/s")
+if nme and not nme[-1] < nme[0]:
+    print("val NME did not fall")
+    if sys.argv[3] != "1":  # smoke runs train for too few steps to ask this
+        sys.exit(1)
+EOF
+}
+run pipeline "${LIMITS[3]}" bash -c "$(declare -f pipeline); $(declare -p PY CLI P SETS PIPELINE RESULTS SMOKE); pipeline"
+
+# 5. optional, outside the 8-minute budget: CUDA graphs + autotuned kernels (compiles for minutes) -------
+if [[ "${GPU_CHECK_AUTOTUNE:-0}" == 1 ]]; then
+    BUDGET_S=$((BUDGET_S + 600))
+    run train-step-max-autotune 590 "${CLI[@]}" bench train-step "${STEP_ARGS[@]/both/on}" \
+        --compile-mode max-autotune --out "$RESULTS/max_autotune"
+fi
+
+echo
+echo "=== gpu_check done in $((SECONDS - START)) s; results in $RESULTS:"
+ls -l "$RESULTS"
+if ((${#FAILED[@]})); then
+    echo "FAILED: ${FAILED[*]}"
+    exit 1
+fi
+echo "all steps passed"

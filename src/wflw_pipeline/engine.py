@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -74,12 +74,22 @@ def draw(
     )
 
 
-def _inputs_and_targets(
-    faces: FaceSet, index: torch.Tensor, view: View, draws, precision: Precision
+def inputs_and_targets(
+    faces: FaceSet,
+    index: torch.Tensor,
+    view: View,
+    draws: augment.ViewParams,
+    precision: Precision,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Network inputs and [0, 1] targets of the faces `index` (on the faces' device), seen through `draws`.
+
+    With `out` (e.g. the previous batch's inputs, once its step is done), the inputs are written there.
+    """
     inputs, targets = augment.augment_batch(
-        faces.images[index],
-        faces.landmarks[index],
+        faces.images,
+        faces.landmarks,
+        index=index,
         params=draws,
         crop_size=view.crop_size,
         context=view.context,
@@ -87,8 +97,20 @@ def _inputs_and_targets(
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         memory_format=precision.memory_format(),
+        out=out,
     )
     return inputs, targets
+
+
+def reusable(previous: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """The previous batch's input tensor to write the next batch into, on the CPU (else None).
+
+    A fresh 50 MB tensor per batch costs the CPU a page fault per 4 KiB, as much time as the warp
+    itself; CUDA's caching allocator already hands back the same memory, so it gets None.
+    """
+    if previous is None or previous.device.type != "cpu" or len(previous) != batch:
+        return None
+    return previous
 
 
 def train_one_epoch(
@@ -118,7 +140,8 @@ def train_one_epoch(
     model.train()
     total = torch.zeros((), device=device, dtype=torch.float64)
     seen, start = 0, time.perf_counter()
-    batches = list(
+    inputs: torch.Tensor | None = None  # the last step's inputs, overwritten by the next (CPU)
+    batches = _on_device(
         batch_indices(
             len(faces),
             batch_size,
@@ -127,14 +150,16 @@ def train_one_epoch(
             drop_last=len(faces) >= batch_size * world_size,
             rank=rank,
             world_size=world_size,
-        )
+        ),
+        device,
     )
     for step, index in enumerate(
         tqdm(batches, desc="train", unit="batch", disable=not progress, leave=False)
     ):
-        index = index.to(device)
         draws = draw(augmentation, len(index), augment_generator, device)
-        inputs, targets = _inputs_and_targets(faces, index, view, draws, precision)
+        inputs, targets = inputs_and_targets(
+            faces, index, view, draws, precision, out=reusable(inputs, len(index))
+        )
         with precision.autocast(device):
             pred = model(inputs)
         loss = loss_fn(pred.float(), targets)
@@ -155,6 +180,15 @@ def train_one_epoch(
     return EpochResult(loss_sum / max(images, 1), int(images), time.perf_counter() - start)
 
 
+def _on_device(batches: Iterable[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The epoch's index batches moved to `device` in one copy (a blocking copy per step would make the
+    host wait for the GPU every step)."""
+    batches = list(batches)
+    if not batches:
+        return []
+    return list(torch.cat(batches).to(device).split([len(b) for b in batches]))
+
+
 def _check_finite(total: torch.Tensor, step: int) -> None:
     if not math.isfinite(float(total)):
         raise NonFiniteLossError(
@@ -168,7 +202,7 @@ def _crop_points(
 ) -> torch.Tensor:
     """Map normalised predictions of a view back to crop pixels, undoing a flip's point permutation."""
     crop = augment.apply_affine(matrices, pred.float() * input_size)
-    unflipped = crop[:, list(wflw.FLIP)]
+    unflipped = crop[:, augment.flip_permutation(crop.device)]
     return torch.where(flipped[:, None, None], unflipped, crop)
 
 
@@ -186,15 +220,14 @@ def predict(
     device = faces.images.device
     model.eval()
     outputs = []
-    for index in batch_indices(len(faces), batch_size, shuffle=False):
-        index = index.to(device)
+    for index in _on_device(batch_indices(len(faces), batch_size, shuffle=False), device):
         identity = augment.identity_params(len(index), device)
         views = [identity]
         if flip_test:
             views.append(replace(identity, flip=torch.ones_like(identity.flip)))
         points = []
         for draws in views:
-            inputs, _ = _inputs_and_targets(faces, index, view, draws, precision)
+            inputs, _ = inputs_and_targets(faces, index, view, draws, precision)
             with precision.autocast(device):
                 pred = model(inputs)
             matrices = augment.view_matrices(draws, view.crop_size, view.context, view.input_size)

@@ -124,6 +124,18 @@ def lr_factor(config: TrainParams, iters_per_epoch: int) -> Callable[[int], floa
     return factor
 
 
+def build_optimizer(model: nn.Module, config: TrainParams, device: torch.device) -> torch.optim.Optimizer:
+    """Adam as the reference; on CUDA the fused kernel (one launch for every parameter, same maths)."""
+    fused = device.type == "cuda"
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def configure_backends(device: torch.device) -> None:
+    """Let cuDNN pick the fastest convolution algorithms for our fixed input shapes (CUDA only)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def build_loss_from(config: LossParams, input_size: int) -> nn.Module:
     """The configured loss module, in the configured units."""
     options: dict[str, Any] = {"units": config.units, "input_size": input_size}
@@ -206,9 +218,7 @@ class _Run:
         self.model = build_model(params.model.arch, params.model.pretrained, self.mean_shape).to(device)
         self.precision = resolve_precision(config.precision, config.channels_last, device)
         self.model = self.model.to(memory_format=self.precision.memory_format())
-        self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
-        )
+        self.optimizer = build_optimizer(self.model, config, device)
         global_batch = config.batch_size * world.world_size
         self.iters_per_epoch = max(1, len(train) // global_batch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -284,6 +294,7 @@ def run_train(
     device = resolve_device(config.device, world.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    configure_backends(device)
     if world.world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:

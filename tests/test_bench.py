@@ -1,0 +1,339 @@
+"""`wflw bench`: every mode runs at tiny sizes and writes its documented JSON; the baseline is fair.
+
+Benchmarks never assert a speed: these tests check what is measured and that both loaders produce the
+same views of the same faces, not how fast.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wflw_pipeline import augment, bench, cli, engine, wflw
+from wflw_pipeline.dataset import load_faces
+from wflw_pipeline.params import AugmentParams, LossParams
+
+ROOT = Path(__file__).resolve().parents[1]
+CROP, CONTEXT, INPUT = 96, 1.5, 64  # the view (96 / 1.5 = 64 px) maps 1:1 onto the input, as 384 -> 256
+GREY = 57.4  # one unit of a normalised input is about this many grey levels (ImageNet std)
+
+
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory) -> bench.BenchData:
+    work = tmp_path_factory.mktemp("bench")
+    return bench.prepare_data(
+        work, faces=10, min_image_size=160, max_image_size=220, crop_size=CROP, context=CONTEXT
+    )
+
+
+def _both_loaders(data: bench.BenchData, params: augment.ViewParams):
+    """Our batch and the reference-style per-sample batch of every face, seen through `params`."""
+    faces = load_faces(data.parquet)
+    n = len(faces)
+    view = engine.View(faces.crop_size, faces.context, INPUT)
+    ours = engine.inputs_and_targets(faces, torch.arange(n), view, params, engine.Precision(None, False))
+    paths, landmarks = data.records()
+    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=None, out_size=INPUT, views=params)
+    samples = [dataset[i] for i in range(n)]
+    baseline = tuple(torch.stack(parts) for parts in zip(*samples, strict=True))
+    return ours, baseline
+
+
+@pytest.mark.parametrize("views", ["identity", "random"])
+def test_baseline_and_ours_produce_the_same_view_of_the_same_face(bench_data, views):
+    n = len(bench_data.records()[0])
+    if views == "identity":
+        params = augment.identity_params(n, "cpu")
+    else:
+        params = augment.draw_params(n, generator=torch.Generator().manual_seed(3), device="cpu")
+        assert params.flip.any() and (params.angle != 0).any()
+    (ours_x, ours_y), (base_x, base_y) = _both_loaders(bench_data, params)
+    assert base_x.shape == ours_x.shape == (n, 3, INPUT, INPUT)
+    assert base_x.dtype == ours_x.dtype == torch.float32
+    assert base_y.shape == ours_y.shape == (n, 98, 2) and base_y.dtype == ours_y.dtype
+    # Targets: the same geometry, composed through the crop (ours) or straight from the image (baseline).
+    assert (base_y - ours_y).abs().max().item() * INPUT < 1e-3
+    # Pixels: ours went through one extra bilinear resampling and a JPEG (q95) round trip; both are
+    # zero outside the image. A misplaced, mirrored or turned view would differ by tens of grey levels.
+    per_face = (base_x - ours_x).abs().mean(dim=(1, 2, 3)) * GREY
+    assert per_face.max().item() < 5.0, per_face
+    assert np.corrcoef(base_x.flatten(), ours_x.flatten())[0, 1] > 0.99
+    assert base_x.mean().item() == pytest.approx(ours_x.mean().item(), abs=0.02)
+    assert base_x.std().item() == pytest.approx(ours_x.std().item(), rel=0.03)
+
+
+def test_a_different_view_is_detected(bench_data):
+    """The check above can fail: mirroring only the baseline's view breaks the agreement."""
+    n = len(bench_data.records()[0])
+    identity = augment.identity_params(n, "cpu")
+    (ours_x, _), _ = _both_loaders(bench_data, identity)
+    flipped = augment.ViewParams(
+        torch.ones(n, dtype=torch.bool), identity.scale, identity.angle, identity.shift
+    )
+    _, (base_x, _) = _both_loaders(bench_data, flipped)
+    assert (base_x - ours_x).abs().mean().item() * GREY > 5.0
+
+
+def test_baseline_draws_a_new_augmentation_per_sample(bench_data):
+    paths, landmarks = bench_data.records()
+    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=AugmentParams(), out_size=INPUT)
+    first, second = dataset[0], dataset[0]
+    assert not torch.equal(first[0], second[0])
+    plain = bench.ReferenceStyleDataset(paths, landmarks, augmentation=None, out_size=INPUT)
+    assert torch.equal(plain[0][0], plain[0][0])
+
+
+def test_baseline_loader_batches_like_ours(bench_data):
+    paths, landmarks = bench_data.records()
+    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=AugmentParams(), out_size=INPUT)
+    loader = bench.baseline_loader(dataset, batch_size=4, batches=3, workers=1, pin_memory=False, seed=0)
+    batches = list(loader)
+    assert len(batches) == 3
+    assert all(x.shape == (4, 3, INPUT, INPUT) and y.shape == (4, 98, 2) for x, y in batches)
+
+
+def _run(words: str, *extra: str) -> None:
+    """`wflw <words> <extra...>` with the repository's params.yaml; must exit 0."""
+    assert cli.main([*words.split(), *extra, "--params", str(ROOT / "params.yaml")]) == 0
+
+
+def test_loader_bench_writes_its_json(tmp_path, capsys):
+    out = tmp_path / "out"
+    _run(
+        "bench loader --faces 6 --batch-size 3 --batches 2 --warmup 1 --repeats 2 --workers 1 --device cpu "
+        "--min-image-size 128 --max-image-size 160 --crop-size 48 --input-size 32",
+        *["--work", str(tmp_path / "work"), "--out", str(out)],
+    )
+    result = json.loads((out / "loader.json").read_text())
+    assert result["mode"] == "loader" and result["faces"] == 6 and result["batch_size"] == 3
+    assert result["command"].startswith("wflw bench loader")
+    assert {"date", "cpu_model", "cpus", "torch", "device"} <= set(result["machine"])
+    for side in ("ours", "baseline"):
+        assert len(result[side]["runs_images_per_s"]) == 2
+        assert result[side]["images_per_s"] == pytest.approx(np.median(result[side]["runs_images_per_s"]))
+    assert result["baseline"]["workers"] == 1
+    assert result["ratio"] == pytest.approx(
+        result["ours"]["images_per_s"] / result["baseline"]["images_per_s"]
+    )
+    assert result["image_size_px"]["min"] >= 128 and result["image_size_px"]["max"] <= 160
+    assert "| ours (on-device batch warp)" in capsys.readouterr().out
+    # a second run reuses the generated data
+    assert (tmp_path / "work" / "bench_data.json").is_file()
+
+
+def test_train_step_bench_writes_its_json(tmp_path):
+    out = tmp_path / "out"
+    _run(
+        "bench train-step --arch resnet18 --input-size 32 --batch-size 2 --steps 2 --warmup 1 --repeats 2 "
+        "--device cpu",
+        *["--out", str(out)],
+    )
+    result = json.loads((out / "train_step.json").read_text())
+    assert result["mode"] == "train-step" and result["arch"] == "resnet18" and result["batch_size"] == 2
+    assert result["precision"] == "fp32" and result["peak_tflops"] is None
+    assert result["train_gflop_per_image"] == pytest.approx(3 * result["forward_gflop_per_image"])
+    [run] = result["runs"]
+    assert run["compile"] is False and run["mfu"] is None and run["loss_finite"] is True
+    assert len(run["runs_images_per_s"]) == 2 and run["images_per_s"] > 0
+    assert run["achieved_tflops"] == pytest.approx(
+        result["train_gflop_per_image"] * run["images_per_s"] / 1000, rel=1e-6
+    )
+    assert run["peak_memory_gib"] > 0 and run["memory_kind"] == "process_peak_rss"
+
+
+def test_train_step_mfu_uses_the_given_peak(tmp_path):
+    result = bench.run_train_step(
+        out_dir=tmp_path,
+        loss=LossParams(),
+        arch="resnet18",
+        input_size=32,
+        batch_size=2,
+        steps=1,
+        warmup=0,
+        repeats=1,
+        device_name="cpu",
+        compile="off",
+        peak=1.0,
+    )
+    run = result["runs"][0]
+    assert result["peak_source"] == "--peak-tflops"
+    assert run["mfu"] == pytest.approx(run["achieved_tflops"] / 1.0)
+
+
+def test_epoch_bench_writes_its_json_and_projects_the_reference_schedule(tmp_path):
+    out = tmp_path / "out"
+    _run(
+        "bench epoch --arch resnet18 --faces 10 --batch-size 4 --epochs 2 --crop-size 48 --input-size 32 "
+        "--device cpu",
+        *["--out", str(out)],
+    )
+    result = json.loads((out / "epoch.json").read_text())
+    assert result["mode"] == "epoch" and result["compile"] is False
+    assert [row["epoch"] for row in result["epochs"]] == [1, 2]
+    assert all(row["images"] == 8 for row in result["epochs"])  # drop_last: 2 full batches of 4
+    assert result["images_per_s"] == pytest.approx(result["epochs"][1]["images_per_s"])
+    assert result["reference"] == {"faces": 7500, "epochs": 210, "images": 210 * 7500}
+    assert result["projected_reference_s"] == pytest.approx(210 * 7500 / result["images_per_s"])
+    assert result["projected_reference_with_warmup_s"] >= result["projected_reference_s"]
+
+
+def test_resnet50_forward_at_256_is_10_7_gflop():
+    flops = bench.forward_flops("resnet50", 256)
+    assert flops == pytest.approx(bench.RESNET50_256_GFLOP * 1e9, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA GeForce RTX 3060", None),
+    ],
+)
+def test_peak_flops_table_by_device_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    bf16 = engine.Precision(torch.bfloat16, True)
+    assert bench.peak_tflops(torch.device("cuda"), bf16, None)[0] == peak
+    assert bench.peak_tflops(torch.device("cuda"), engine.Precision(None, True), None)[0] is None
+    assert bench.peak_tflops(torch.device("cpu"), bf16, None) == (None, "n/a on CPU (give --peak-tflops)")
+
+
+def test_the_gpu_path_imports_only_the_torch_stack():
+    """gpu_check.sh runs on a box with the torch stack only: nothing it calls may import these."""
+    code = (
+        "import sys; from wflw_pipeline import cli, bench, train, evaluate, convert, synthetic, engine; "
+        "cli.build_parser(); "
+        "bad = [m for m in ('requests', 'gdown', 'dvc', 'mlflow', 'prefect') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_format_table_aligns_columns():
+    table = bench.format_table(["a", "bb"], [[1.0, None], ["long", 12345.0]]).splitlines()
+    assert table[0] == "| a    | bb     |"
+    assert table[2] == "| 1    | n/a    |"
+    assert table[3] == "| long | 12,345 |"
+
+
+# The performance changes to augment.py and engine.py keep their results: checked against the plain forms.
+
+
+def _plain_warp(images, matrices, out_size, mean, std):
+    """augment.warp as one affine_grid + grid_sample over the whole batch, then (x - mean) / std."""
+    theta = augment._grid_theta(matrices.float(), tuple(images.shape[-1:-3:-1]), out_size)
+    grid = torch.nn.functional.affine_grid(theta, [len(images), 3, out_size, out_size], align_corners=False)
+    sampled = torch.nn.functional.grid_sample(images.float(), grid, align_corners=False)
+    return (sampled - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 9])
+def test_chunked_warp_with_index_and_out_matches_the_plain_form(batch):
+    generator = torch.Generator().manual_seed(batch)
+    images = torch.randint(0, 256, (12, 3, 40, 40), dtype=torch.uint8, generator=generator)
+    index = torch.randint(0, 12, (batch,), generator=generator)
+    params = augment.draw_params(batch, generator=generator, device="cpu")
+    matrices = augment.view_matrices(params, 40, 1.5, 24)
+    mean, std = engine.IMAGENET_MEAN, engine.IMAGENET_STD
+    expected = _plain_warp(images[index], matrices, 24, mean, std)
+    plain = augment.warp(images[index], matrices, 24, mean, std)
+    assert torch.allclose(plain, expected, atol=1e-4)
+    out = torch.full((batch, 3, 24, 24), float("nan")).contiguous(memory_format=torch.channels_last)
+    written = augment.warp(images, matrices, 24, mean, std, torch.channels_last, out=out, index=index)
+    assert written is out and written.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(written, plain)
+    with pytest.raises(ValueError, match="out must be float32"):
+        augment.warp(images[index], matrices, 24, mean, std, out=torch.empty(batch, 3, 23, 24))
+
+
+def test_affine_grid_equals_torch_affine_grid():
+    theta = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0))
+    for size in (1, 7, 64):
+        expected = torch.nn.functional.affine_grid(theta, [6, 3, size, size], align_corners=False)
+        assert torch.allclose(augment._affine_grid(theta, size), expected, atol=1e-6)
+
+
+def test_augment_batch_with_index_equals_indexing_first():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 48, 48), dtype=torch.uint8, generator=generator)
+    landmarks = 12 + 24 * torch.rand(6, 98, 2, generator=generator)
+    index = torch.tensor([4, 0, 4, 2])
+    params = augment.draw_params(4, generator=generator, device="cpu")
+    options = {"params": params, "crop_size": 48, "context": 1.5, "out_size": 32, "mean": (1, 2, 3)}
+    options["std"] = (4, 5, 6)
+    lazy = augment.augment_batch(images, landmarks, index=index, **options)
+    eager = augment.augment_batch(images[index], landmarks[index], **options)
+    assert torch.equal(lazy[0], eager[0]) and torch.equal(lazy[1], eager[1])
+
+
+def test_epoch_batches_move_to_the_device_in_one_piece_and_keep_their_order():
+    batches = [torch.tensor([3, 1]), torch.tensor([0, 2]), torch.tensor([4])]
+    moved = engine._on_device(iter(batches), torch.device("cpu"))
+    assert [b.tolist() for b in moved] == [[3, 1], [0, 2], [4]]
+    assert engine._on_device(iter([]), torch.device("cpu")) == []
+
+
+def test_only_a_cpu_batch_of_the_same_size_is_reused():
+    previous = torch.zeros(4, 3, 8, 8)
+    assert engine.reusable(previous, 4) is previous
+    assert engine.reusable(previous, 3) is None
+    assert engine.reusable(None, 4) is None
+    assert engine.reusable(torch.zeros(4, 3, 8, 8, device="meta"), 4) is None
+
+
+def test_small_constants_are_made_once_per_device():
+    first = augment.flip_permutation("cpu")
+    assert first is augment.flip_permutation(torch.device("cpu"))
+    assert first.tolist() == list(wflw.FLIP)
+
+
+BLOCKER = """
+import importlib.abc, sys
+
+class _TorchStackOnly(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"requests", "gdown", "dvc", "mlflow", "prefect"}:
+            raise ModuleNotFoundError(f"No module named {name!r} (the GPU box has the torch stack only)")
+        return None
+
+sys.meta_path.insert(0, _TorchStackOnly())
+"""
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step_with_the_torch_stack_only(tmp_path):
+    """scripts/gpu_check.sh with every size shrunk, where requests, dvc, mlflow and prefect cannot import."""
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCKER)
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(tmp_path / "block"),
+        "OUT": str(tmp_path / "out"),
+        "GPU_CHECK_WORK": str(tmp_path / "work"),
+        "GPU_CHECK_SMOKE": "1",
+    }
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "non-torch-stack modules imported: none" in done.stdout
+    produced = {p.name for p in (tmp_path / "out").iterdir()}
+    expected = {
+        "train_step.json",
+        "epoch.json",
+        "loader.json",
+        "pipeline_history.csv",
+        "pipeline_metrics.json",
+    }
+    assert expected | {"gpu_check.log"} <= produced and len(produced) <= 8  # $OUT returns at most 8 files
+    assert json.loads((tmp_path / "out" / "train_step.json").read_text())["complete"] is True

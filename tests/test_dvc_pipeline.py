@@ -72,6 +72,17 @@ def test_dvc_repro_runs_every_stage_then_is_up_to_date(tmp_path):
     shown = json.loads(metrics)
     assert shown[""]["data"]["data/parquet/summary.json"]["data"]["faces"]["val"] == 6
 
+    plots = json.loads(_dvc(repo, "plots", "show", "--json"))["data"]
+    assert set(plots) == {
+        "Training loss",
+        "Validation NME (%)",
+        "CED per subset",
+        "data/parquet/preview.png",
+        "data/eval/ced.png",
+        "data/eval/nme_subsets.png",
+        "data/eval/best_worst.png",
+    }
+
     params["convert"]["crop_size"] = 48
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = _dvc(repo, "repro")

@@ -227,3 +227,25 @@ def test_ddp_with_two_cpu_processes_trains_and_writes_one_checkpoint(tmp_path, p
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
     assert torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+def test_a_checkpoint_interval_saves_the_first_and_last_epochs_only(tmp_path, parquet_dir, monkeypatch):
+    params = _params(epochs=3, checkpoint_interval_s=3600.0)
+    out = _outputs(tmp_path)
+    real_write = train.write_history
+    calls = {"n": 0}
+
+    def killed_after_second_epoch(rows, path):
+        real_write(rows, path)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "write_history", killed_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(params, parquet_dir, out)
+    assert torch.load(out.checkpoint, weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(train, "write_history", real_write)
+    metrics = train.run_train(params, parquet_dir, out)
+    assert metrics["epochs"] == 3
+    assert torch.load(out.checkpoint, weights_only=False)["epoch"] == 3

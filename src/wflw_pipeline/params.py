@@ -185,6 +185,7 @@ class TrainParams:
     compile: bool = False
     seed: int = 0
     resume: Literal["auto", "never"] = "auto"
+    checkpoint_interval_s: float = 0.0
     threads: int = 0
 
     def validate(self, key: str) -> None:
@@ -195,6 +196,7 @@ class TrainParams:
         _require(0 < self.warmup_ratio <= 1, f"{key}.warmup_ratio: must be in (0, 1]")
         _require(list(self.milestones) == sorted(self.milestones), f"{key}.milestones: must be increasing")
         _require(self.threads >= 0, f"{key}.threads: must be >= 0 (0 = torch's default)")
+        _require(self.checkpoint_interval_s >= 0, f"{key}.checkpoint_interval_s: must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,6 +338,8 @@ def _train(
         world.world_size,
         "bf16" if run.precision.dtype is not None else "fp32",
     )
+    saved_epoch = run.epoch if state is not None else None
+    last_save = time.monotonic()
     while run.epoch < config.epochs:
         order, augmentation = epoch_generators(config.seed, run.epoch, world.rank, device)
         try:
@@ -358,16 +361,17 @@ def _train(
                 after_step=after_step,
             )
         except NonFiniteLossError as err:
-            kept = (
-                f"; {outputs.checkpoint} (epoch {run.epoch}) is kept" if outputs.checkpoint.exists() else ""
-            )
+            kept = f"; {outputs.checkpoint} (epoch {saved_epoch}) is kept" if saved_epoch else ""
             raise TrainError(f"epoch {run.epoch + 1}: {err}{kept}") from None
         run.epoch += 1
         nme = val_nme(module, val, run.view, config.batch_size, run.precision) if len(val) else None
         row = run.record(result, nme, world)
         if world.main:
             _log_epoch(row, config.epochs)
-            _save_atomic(run.state(key), outputs.checkpoint)
+            due = time.monotonic() - last_save >= config.checkpoint_interval_s
+            if due or run.epoch in (1, config.epochs):
+                _save_atomic(run.state(key), outputs.checkpoint)
+                saved_epoch, last_save = run.epoch, time.monotonic()
             write_history(run.history, outputs.history)
         world.barrier()
     metrics = _finish(run, val, outputs, world)

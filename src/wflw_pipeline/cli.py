@@ -219,8 +219,8 @@ def _add_params_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wflw",
-        description="WFLW landmark pipeline. Each command is one DVC stage (see dvc.yaml); "
-        "params come from params.yaml, overridden by --set.",
+        description="WFLW landmark pipeline. fetch, convert, train and evaluate are the DVC stages "
+        "(dvc.yaml runs them: `dvc repro`); params come from params.yaml, overridden by --set.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -236,9 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
-        help="archives -> Parquet face crops (train, test, optional val)",
+        help="archives -> Parquet face crops (train, val, test)",
         description="Stage convert: streams the archives in --raw, crops every face and writes "
-        "{train,test[,val]}.parquet, summary.json and preview.png into --out. Reads params convert.*.",
+        "{train,val,test}.parquet, summary.json and preview.png into --out. Reads params convert.*.",
     )
     convert.add_argument("--raw", default="data/raw", help="folder of the archives (default: %(default)s)")
     convert.add_argument("--out", default="data/parquet", help="output folder (default: %(default)s)")

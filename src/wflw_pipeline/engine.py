@@ -138,7 +138,7 @@ def train_one_epoch(
     """
     device = faces.images.device
     model.train()
-    total = torch.zeros((), device=device, dtype=torch.float64)
+    total = torch.zeros((), device=device, dtype=_accumulator_dtype(device))
     seen, start = 0, time.perf_counter()
     inputs: torch.Tensor | None = None  # the last step's inputs, overwritten by the next (CPU)
     batches = _on_device(
@@ -173,11 +173,16 @@ def train_one_epoch(
         seen += len(index)
         if (step + 1) % check_every == 0 or step + 1 == len(batches):
             _check_finite(total, step)
-    totals = torch.stack([total, torch.tensor(float(seen), device=device, dtype=torch.float64)])
+    totals = torch.stack([total, torch.tensor(float(seen), device=device, dtype=total.dtype)])
     if world_size > 1:
         torch.distributed.all_reduce(totals)
     loss_sum, images = totals.tolist()
     return EpochResult(loss_sum / max(images, 1), int(images), time.perf_counter() - start)
+
+
+def _accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the epoch's loss sum, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _on_device(batches: Iterable[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

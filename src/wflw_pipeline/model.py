@@ -91,16 +91,21 @@ def _imagenet_state_dict(arch: str) -> Mapping[str, Tensor]:
         ) from err
 
 
-def _file_state_dict(path: Path) -> Mapping[str, Tensor]:
-    if not path.is_file():
-        raise ModelError(f"pretrained {str(path)!r}: not 'none', 'imagenet' or an existing state_dict file")
+def _load_mapping(path: Path, what: str, error: type[ModelError]) -> Mapping:
+    """torch.load a dict-like file safely (`weights_only`), or raise `error` naming the path."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
-        raise ModelError(f"{path}: cannot read a state_dict ({type(err).__name__}: {err})") from err
+        raise error(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from err
     if not isinstance(state, Mapping):
-        raise ModelError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+        raise error(f"{path}: holds a {type(state).__name__}, not {what}")
     return state
+
+
+def _file_state_dict(path: Path) -> Mapping[str, Tensor]:
+    if not path.is_file():
+        raise ModelError(f"pretrained {str(path)!r}: not 'none', 'imagenet' or an existing state_dict file")
+    return _load_mapping(path, "a state_dict", ModelError)
 
 
 def _load_backbone(model: DeepPose, state: Mapping[str, Tensor], source: str) -> None:
@@ -140,14 +145,10 @@ def load_trained(path: Path, device: torch.device | str = "cpu") -> tuple[DeepPo
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: trained model not found (run `wflw train` first)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"{path}: cannot read a trained model ({type(err).__name__}: {err})") from err
-    if not isinstance(state, Mapping) or any(key not in state for key in TRAINED_KEYS):
-        found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+    state = _load_mapping(path, "a trained model", CheckpointError)
+    if any(key not in state for key in TRAINED_KEYS):
         raise CheckpointError(
-            f"{path}: not a model written by `wflw train` (needs {TRAINED_KEYS}, has {found})"
+            f"{path}: not a model written by `wflw train` (needs {TRAINED_KEYS}, has {sorted(state)})"
         )
     view = state["view"]
     if not isinstance(view, Mapping) or any(key not in view for key in VIEW_KEYS):

@@ -36,7 +36,17 @@ from PIL import Image
 from . import augment, engine, fileio, wflw
 from .dataset import FaceSet, load_faces
 from .errors import PipelineError
+from .model import DeepPose, build_model
 from .params import AugmentParams, ConvertParams, LossParams, SyntheticParams, TrainParams
+from .train import (
+    TrainError,
+    build_loss_from,
+    build_optimizer,
+    configure_backends,
+    lr_factor,
+)
+from .train import resolve_device as resolve_train_device
+from .train import resolve_precision as resolve_train_precision
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +104,15 @@ def _cpu_model() -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    from .train import TrainError, resolve_device
-
     try:
-        return resolve_device(name, key="bench --device")
+        return resolve_train_device(name, key="bench --device")
     except TrainError as err:
         raise BenchError(str(err)) from None
 
 
 def resolve_precision(name: str, channels_last: bool | None, device: torch.device) -> engine.Precision:
     """auto: bf16 autocast on CUDA, fp32 elsewhere; channels_last defaults to on (as train.* does)."""
-    from .train import resolve_precision
-
-    return resolve_precision(name, True if channels_last is None else channels_last, device)
+    return resolve_train_precision(name, True if channels_last is None else channels_last, device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -616,8 +622,6 @@ def forward_flops(arch: str, input_size: int) -> int:
     """FLOPs of one forward pass of DeepPose at batch 1 (FlopCounterMode: 2 per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .model import DeepPose
-
     model = DeepPose(arch).eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
@@ -667,18 +671,9 @@ def build_training(
     arch: str, device: torch.device, precision: engine.Precision, lr: float = 5e-4, seed: int = 0
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """DeepPose (random init) in the run's memory format and the optimiser `wflw train` builds."""
-    from .model import build_model
-    from .train import build_optimizer
-
     torch.manual_seed(seed)
     model = build_model(arch, "none").to(device).to(memory_format=precision.memory_format())
     return model, build_optimizer(model, TrainParams(lr=lr), device)
-
-
-def configure_backends(device: torch.device) -> None:
-    from .train import configure_backends
-
-    configure_backends(device)
 
 
 def _compile(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -700,7 +695,6 @@ def time_train_step(
     loss: LossParams,
 ) -> dict[str, Any]:
     """Images/s of forward + backward + Adam step on fixed random inputs already on the device."""
-    from .train import build_loss_from
 
     _reset_memory(device)
     model, optimizer = build_training(arch, device, precision)
@@ -896,7 +890,6 @@ def run_epoch(
     command: str | None = None,
 ) -> dict[str, Any]:
     """Whole epochs of engine.train_one_epoch (data + step), the projected reference schedule; epoch.json."""
-    from .train import build_loss_from, lr_factor
 
     device = resolve_device(device_name)
     cuda = device.type == "cuda"

@@ -1,4 +1,4 @@
-"""Small hand-made WFLW-format datasets for tests of convert and the CLI."""
+"""Small hand-made WFLW-format datasets for tests of convert and the CLI; the repository's params."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ import numpy as np
 from PIL import Image
 
 from wflw_pipeline import synthetic, wflw
+from wflw_pipeline.params import Params, load_params
+
+PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
+"""The repository's params.yaml: the one source of default params (the dataclasses have none)."""
+
+
+def default_params() -> Params:
+    """The repository's params.yaml, loaded; build variants with `dataclasses.replace`."""
+    return load_params(PARAMS_YAML)
 
 
 def ring_landmarks(cx: float, cy: float, radius: float) -> np.ndarray:

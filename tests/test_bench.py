@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import default_params
 
 from wflw_pipeline import augment, bench, cli, engine, wflw
 from wflw_pipeline.dataset import load_faces
-from wflw_pipeline.params import AugmentParams, LossParams
 
 ROOT = Path(__file__).resolve().parents[1]
 CROP, CONTEXT, INPUT = 96, 1.5, 64  # the view (96 / 1.5 = 64 px) maps 1:1 onto the input, as 384 -> 256
@@ -81,7 +81,8 @@ def test_a_different_view_is_detected(bench_data):
 
 def test_baseline_draws_a_new_augmentation_per_sample(bench_data):
     paths, landmarks = bench_data.records()
-    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=AugmentParams(), out_size=INPUT)
+    augmentation = default_params().augment
+    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=augmentation, out_size=INPUT)
     first, second = dataset[0], dataset[0]
     assert not torch.equal(first[0], second[0])
     plain = bench.ReferenceStyleDataset(paths, landmarks, augmentation=None, out_size=INPUT)
@@ -90,7 +91,8 @@ def test_baseline_draws_a_new_augmentation_per_sample(bench_data):
 
 def test_baseline_loader_batches_like_ours(bench_data):
     paths, landmarks = bench_data.records()
-    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=AugmentParams(), out_size=INPUT)
+    augmentation = default_params().augment
+    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=augmentation, out_size=INPUT)
     loader = bench.baseline_loader(dataset, batch_size=4, batches=3, workers=1, pin_memory=False, seed=0)
     batches = list(loader)
     assert len(batches) == 3
@@ -147,9 +149,11 @@ def test_train_step_bench_writes_its_json(tmp_path):
 
 
 def test_train_step_mfu_uses_the_given_peak(tmp_path):
+    params = default_params()
     result = bench.run_train_step(
         out_dir=tmp_path,
-        loss=LossParams(),
+        loss=params.loss,
+        train=params.train,
         arch="resnet18",
         input_size=32,
         batch_size=2,

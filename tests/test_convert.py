@@ -3,11 +3,12 @@ import io
 import json
 import logging
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import face_line, jpeg, ring_landmarks, small_dataset, write_raw
+from helpers import default_params, face_line, jpeg, ring_landmarks, small_dataset, write_raw
 from PIL import Image
 
 from wflw_pipeline import convert, wflw
@@ -29,8 +30,8 @@ CONTRACT = {
 
 
 def _params(**overrides) -> ConvertParams:
-    defaults = {"crop_size": 64, "val_fraction": 0.0, "workers": 1}
-    return ConvertParams(**{**defaults, **overrides})
+    small = {"crop_size": 64, "val_fraction": 0.0, "workers": 1}
+    return replace(default_params().convert, **{**small, **overrides})
 
 
 def _run(tmp_path, **overrides):

@@ -8,18 +8,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import small_dataset
+from helpers import default_params, small_dataset
 from torch import nn
 
 from wflw_pipeline import cli, convert, engine, evaluate, train, wflw
 from wflw_pipeline.dataset import FaceSet, load_faces
 from wflw_pipeline.metrics import MetricsError, auc, ced, failure_rate, nme_per_face
 from wflw_pipeline.model import CheckpointError, load_trained
-from wflw_pipeline.params import ConvertParams, EvaluateParams, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET_KEYS = {"test", "pose", "expression", "illumination", "makeup", "occlusion", "blur"}
-EVAL = EvaluateParams(device="cpu", batch_size=4, grid_faces=2)
+EVAL = replace(default_params().evaluate, device="cpu", batch_size=4, grid_faces=2)
 
 
 # ---------------------------------------------------------------- metrics, by hand
@@ -164,10 +163,10 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(parquet dir, model.pt) of a resnet18 trained 1 epoch at input 32 on 10 + 8 hand-made faces."""
     root = tmp_path_factory.mktemp("eval")
     small_dataset(root / "raw", train=10, test=8)
+    base = default_params()
     convert.run_convert(
-        ConvertParams(crop_size=48, val_fraction=0.2, workers=1), root / "raw", root / "parquet"
+        replace(base.convert, crop_size=48, val_fraction=0.2, workers=1), root / "raw", root / "parquet"
     )
-    base = load_params(ROOT / "params.yaml")
     params = replace(
         base,
         model=replace(base.model, arch="resnet18", pretrained="none", input_size=32),

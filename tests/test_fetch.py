@@ -12,14 +12,16 @@ import re
 import tarfile
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import default_params
 
 from wflw_pipeline import fetch
 from wflw_pipeline.fetch import FetchError, run_fetch
-from wflw_pipeline.params import DataParams, LocalSourceParams, SyntheticParams, WflwSourceParams
+from wflw_pipeline.params import DataParams, SyntheticParams
 from wflw_pipeline.wflw import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE, annotation_member
 
 
@@ -124,7 +126,8 @@ def _wflw(server: _Server, tmp_path: Path, **overrides: object) -> DataParams:
         "timeout_s": 5.0,
         **overrides,
     }
-    return DataParams(source="wflw", wflw=WflwSourceParams(**source))  # type: ignore[arg-type]
+    data = default_params().data
+    return replace(data, source="wflw", wflw=replace(data.wflw, **source))
 
 
 def _pinned(server: _Server, tmp_path: Path, **overrides: object) -> DataParams:
@@ -309,7 +312,8 @@ def test_drive_refusal_is_not_retried_and_suggests_local(
         raise gdown.exceptions.FileURLRetrievalError("Too many users have viewed or downloaded this file")
 
     monkeypatch.setattr(gdown, "download", refuse)
-    params = DataParams(source="wflw", wflw=WflwSourceParams(cache_dir=str(tmp_path / "cache")))
+    data = default_params().data  # the official images_url: Google Drive
+    params = replace(data, source="wflw", wflw=replace(data.wflw, cache_dir=str(tmp_path / "cache")))
 
     with pytest.raises(FetchError, match=r"drive\.google\.com.*data\.source=local"):
         run_fetch(params, tmp_path / "raw")
@@ -326,7 +330,8 @@ def _local_params(tmp_path: Path, **overrides: object) -> DataParams:
         "annotations_archive": f"mine/{ANNOTATIONS_ARCHIVE}",
         **overrides,
     }
-    return DataParams(source="local", local=LocalSourceParams(**local))  # type: ignore[arg-type]
+    data = default_params().data
+    return replace(data, source="local", local=replace(data.local, **local))
 
 
 def test_local_archives_are_verified_and_placed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -376,7 +381,7 @@ def test_synthetic_source_writes_both_archives_and_manifest(tmp_path: Path) -> N
     )
     out = tmp_path / "raw"
 
-    manifest = run_fetch(DataParams(source="synthetic", synthetic=synthetic), out)
+    manifest = run_fetch(replace(default_params().data, source="synthetic", synthetic=synthetic), out)
 
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == "synthetic"

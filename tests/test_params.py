@@ -1,40 +1,182 @@
+"""params.yaml is the one source of defaults: every key must be set, in every params file and config."""
+
+import logging
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from helpers import PARAMS_YAML, default_params
 
+from wflw_pipeline import cli
 from wflw_pipeline.params import Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-def test_repository_params_load_and_match_the_dataclass_keys():
-    params = load_params(ROOT / "params.yaml")
+def _keys(node: dict[str, Any], prefix: str = "", *, leaves: bool = True) -> list[str]:
+    """Dotted keys of a YAML mapping: its leaves (leaves=True) or the mappings themselves (False)."""
+    keys = []
+    for name, value in node.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, dict):
+            keys += [] if leaves else [key]
+            keys += _keys(value, key, leaves=leaves)
+        elif leaves:
+            keys.append(key)
+    return keys
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def _without(key: str) -> dict[str, Any]:
+    """params.yaml as a dict, with the dotted `key` deleted."""
+    data = _yaml(PARAMS_YAML)
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node[part]
+    del node[leaf]
+    return data
+
+
+def _write(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+LEAF_KEYS = _keys(_yaml(PARAMS_YAML))
+SECTION_KEYS = _keys(_yaml(PARAMS_YAML), leaves=False)
+
+
+def test_the_key_walk_sees_every_section_and_nested_leaves():
+    assert {"data", "data.synthetic", "loss.wing", "train", "evaluate"} <= set(SECTION_KEYS)
+    assert {"train.epochs", "loss.wing.omega", "data.wflw.images_sha256", "train.milestones"} <= set(
+        LEAF_KEYS
+    )
+    assert len(LEAF_KEYS) > 60
+
+
+def test_repository_params_load():
+    params = load_params(PARAMS_YAML)
     assert params.data.source == "synthetic"
     assert params.convert.bbox == "landmarks"
-    assert params.convert.padding == 1.25
+    assert params.train.epochs == 20
+    assert params == default_params()
 
 
-def test_overrides_are_parsed_as_yaml_and_typed(tmp_path):
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+def test_every_config_loads_and_validates(config):
+    params = load_params(config)
+    assert isinstance(params, Params)
+    assert Params.from_dict(params.to_dict()) == params
+
+
+def test_there_is_a_config():
+    assert CONFIGS, "configs/*.yaml: no config found"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+def test_every_config_has_exactly_the_keys_of_params_yaml(config):
+    assert sorted(_keys(_yaml(config))) == sorted(LEAF_KEYS)
+    assert sorted(_keys(_yaml(config), leaves=False)) == sorted(SECTION_KEYS)
+
+
+@pytest.mark.parametrize("key", LEAF_KEYS)
+def test_a_missing_key_is_an_error_naming_the_key_and_the_file(tmp_path, key):
+    path = _write(tmp_path / "missing.yaml", _without(key))
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: {key}: missing key"), message
+    assert "see params.yaml" in message
+
+
+@pytest.mark.parametrize("key", SECTION_KEYS)
+def test_a_missing_section_is_an_error_naming_the_section(tmp_path, key):
+    path = _write(tmp_path / "missing.yaml", _without(key))
+    with pytest.raises(ParamsError, match=rf"^{re.escape(f'{path}: {key}')}: missing key"):
+        load_params(path)
+
+
+def test_every_missing_key_of_a_section_is_named(tmp_path):
+    data = _yaml(PARAMS_YAML)
+    data["evaluate"] = {"flip_test": True, "batch_size": 8}
+    path = _write(tmp_path / "p.yaml", data)
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    assert str(error.value) == (
+        f"{path}: evaluate.device: missing key (every key must be set; see params.yaml); also missing: "
+        "evaluate.precision, evaluate.failure_threshold, evaluate.grid_faces"
+    )
+
+
+def test_params_rebuilt_from_a_checkpoint_must_have_every_key():
+    saved = default_params().to_dict()
+    assert Params.from_dict(saved) == default_params()
+    del saved["train"]["epochs"]
+    with pytest.raises(ParamsError, match=r"^train\.epochs: missing key"):
+        Params.from_dict(saved)
+
+
+def test_values_are_read_from_the_file(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text("convert:\n  crop_size: 96\n")
+    path.write_text(
+        """
+data:
+  source: wflw
+  synthetic: {seed: 3, train_faces: 11, test_faces: 7, min_image_size: 64, max_image_size: 80, workers: 2}
+  wflw: {images_url: http://a/i.tgz, annotations_url: http://a/a.tgz, images_sha256: null,
+         annotations_sha256: null, cache_dir: cache, retries: 1, timeout_s: 3}
+  local: {images_archive: i.tgz, annotations_archive: null, images_sha256: null, annotations_sha256: null}
+convert: {bbox: rect, padding: 1.5, context: 2, crop_size: 40, jpeg_quality: 80, val_fraction: 0.25,
+          seed: 9, max_outside: 0.1, on_error: skip, workers: 3}
+model: {arch: resnet34, pretrained: none, input_size: 48}
+loss: {name: softwing, units: pixels, wing: {omega: 1.0, epsilon: 0.5},
+       softwing: {omega1: 1.0, omega2: 5.0, epsilon: 0.25}, smoothl1_beta: 0.5}
+augment: {flip_prob: 0.1, scale_min: 0.9, scale_max: 1.1, rotation_deg: 30, rotation_prob: 0.2,
+          shift_frac: 0.05, shift_prob: 0.4}
+train: {epochs: 7, batch_size: 5, lr: 0.01, weight_decay: 0.0001, warmup_iters: 3, warmup_ratio: 0.5,
+        schedule: cosine, milestones: [2, 4], gamma: 0.5, device: cpu, precision: fp32,
+        channels_last: false, compile: true, seed: 4, resume: never, checkpoint_interval_s: 30,
+        threads: 2}
+evaluate: {flip_test: false, batch_size: 6, device: cpu, precision: bf16, failure_threshold: 0.08,
+           grid_faces: 3}
+"""
+    )
+    params = load_params(path)
+    assert params.data.source == "wflw" and params.data.synthetic.train_faces == 11
+    assert params.data.wflw.timeout_s == 3.0 and isinstance(params.data.wflw.timeout_s, float)
+    assert params.data.local.images_archive == "i.tgz" and params.data.local.annotations_archive is None
+    assert (params.convert.bbox, params.convert.crop_size, params.convert.on_error) == ("rect", 40, "skip")
+    assert params.convert.context == 2.0 and isinstance(params.convert.context, float)
+    assert (params.model.arch, params.model.input_size) == ("resnet34", 48)
+    assert (params.loss.name, params.loss.units, params.loss.softwing.omega2) == ("softwing", "pixels", 5.0)
+    assert params.augment.rotation_deg == 30.0 and params.augment.shift_prob == 0.4
+    assert params.train.epochs == 7 and params.train.milestones == (2, 4)
+    assert (params.train.schedule, params.train.resume, params.train.compile) == ("cosine", "never", True)
+    assert params.evaluate.flip_test is False and params.evaluate.precision == "bf16"
+    assert params.evaluate.failure_threshold == 0.08
+
+
+def test_overrides_are_parsed_as_yaml_and_typed():
     params = load_params(
-        path, ["convert.crop_size=128", "convert.padding=1", "data.local.images_archive=x.tgz"]
+        PARAMS_YAML, ["convert.crop_size=128", "convert.padding=1", "data.local.images_archive=x.tgz"]
     )
     assert params.convert.crop_size == 128
     assert params.convert.padding == 1.0 and isinstance(params.convert.padding, float)
     assert params.data.local.images_archive == "x.tgz"
 
 
-def test_missing_sections_take_dataclass_defaults(tmp_path):
-    path = tmp_path / "p.yaml"
-    path.write_text("{}\n")
-    assert load_params(path) == Params()
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("convert.crop_sise=3", r"convert.crop_sise: unknown key"),
+        ("nonsense_section.key=1", r"nonsense_section: unknown key"),
         ("convert.crop_size=big", r"convert.crop_size: expected int, found 'big'"),
         ("convert.bbox=face", r"convert.bbox: must be one of landmarks, rect; found 'face'"),
         ("convert.padding=0.5", r"convert.padding: must be >= 1"),
@@ -44,11 +186,19 @@ def test_missing_sections_take_dataclass_defaults(tmp_path):
         ("nonsense", r"expected dotted.key=value"),
     ],
 )
-def test_bad_params_name_the_key(tmp_path, override, message):
-    path = tmp_path / "p.yaml"
-    path.write_text("{}\n")
+def test_bad_params_name_the_key(override, message):
     with pytest.raises(ParamsError, match=message):
-        load_params(path, [override])
+        load_params(PARAMS_YAML, [override])
+
+
+def test_an_unknown_key_in_the_file_is_an_error(tmp_path):
+    data = _yaml(PARAMS_YAML)
+    data["train"]["epoch"] = 5
+    path = _write(tmp_path / "p.yaml", data)
+    with pytest.raises(
+        ParamsError, match=rf"^{re.escape(str(path))}: train\.epoch: unknown key \(known: .*epochs"
+    ):
+        load_params(path)
 
 
 def test_missing_or_invalid_file_is_reported(tmp_path):
@@ -58,3 +208,14 @@ def test_missing_or_invalid_file_is_reported(tmp_path):
     bad.write_text("convert: [1, 2\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_train_with_a_params_file_missing_a_key_exits_2_and_writes_nothing(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path / "missing.yaml", _without("train.epochs"))
+    outputs = ["--parquet", "parquet", "--model-dir", "model", "--train-dir", "train"]
+    with caplog.at_level(logging.ERROR, logger="wflw_pipeline"):
+        code = cli.main(["train", "--params", str(path), *outputs])
+    assert code == 2
+    assert f"{path}: train.epochs: missing key" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["missing.yaml"]

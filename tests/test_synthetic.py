@@ -121,7 +121,7 @@ def test_some_images_hold_several_faces(small_dataset):
 
 
 def test_plan_matches_wflw_proportions():
-    jobs = synthetic.plan_jobs(SyntheticParams(seed=1, train_faces=4000, test_faces=2500))
+    jobs = synthetic.plan_jobs(dataclasses.replace(SMALL, seed=1, train_faces=4000, test_faces=2500))
     for split, total in (("train", 4000), ("test", 2500)):
         flags = np.array([face for job in jobs if job.split == split for face in job.flags])
         assert flags.shape == (total, len(wflw.ATTRIBUTES))

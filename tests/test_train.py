@@ -7,19 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import small_dataset
+from helpers import default_params, small_dataset
 
 from wflw_pipeline import convert, engine, train
 from wflw_pipeline.dataset import FaceSet, load_faces
 from wflw_pipeline.model import build_model
-from wflw_pipeline.params import AugmentParams, ConvertParams, Params, TrainParams, load_params
+from wflw_pipeline.params import Params
 
-ROOT = Path(__file__).resolve().parents[1]
-NO_AUGMENT = AugmentParams(flip_prob=0, rotation_prob=0, shift_prob=0, scale_min=1, scale_max=1)
+NO_AUGMENT = replace(
+    default_params().augment, flip_prob=0.0, rotation_prob=0.0, shift_prob=0.0, scale_min=1.0, scale_max=1.0
+)
 
 
 def _params(**train_overrides) -> Params:
-    base = load_params(ROOT / "params.yaml")
+    base = default_params()
     return replace(
         base,
         model=replace(base.model, arch="resnet18", pretrained="none", input_size=32),
@@ -42,7 +43,7 @@ def _params(**train_overrides) -> Params:
 def parquet_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     small_dataset(root / "raw", train=10, test=3)
-    params = ConvertParams(crop_size=48, val_fraction=0.2, workers=1)
+    params = replace(default_params().convert, crop_size=48, val_fraction=0.2, workers=1)
     convert.run_convert(params, root / "raw", root / "parquet")
     return root / "parquet"
 
@@ -52,7 +53,15 @@ def _outputs(tmp_path: Path) -> train.Outputs:
 
 
 def test_lr_schedule_matches_the_reference_by_hand():
-    config = TrainParams(epochs=210, warmup_iters=500, warmup_ratio=0.001, milestones=(170, 200), gamma=0.1)
+    config = replace(
+        default_params().train,
+        epochs=210,
+        warmup_iters=500,
+        warmup_ratio=0.001,
+        schedule="step",
+        milestones=(170, 200),
+        gamma=0.1,
+    )
     factor = train.lr_factor(config, iters_per_epoch=15)
     assert factor(0) == pytest.approx(0.001)
     assert factor(250) == pytest.approx(0.001 + 0.999 * 250 / 500)
@@ -95,7 +104,7 @@ def test_loss_falls_on_16_faces_within_a_few_steps():
     model = build_model("resnet18", "none", train.mean_shape(faces, view))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    loss_fn = train.build_loss_from(Params().loss, 32)
+    loss_fn = train.build_loss_from(default_params().loss, 32)
     losses = []
     for epoch in range(8):
         order, augmentation = engine.epoch_generators(0, epoch, 0, torch.device("cpu"))

@@ -229,8 +229,18 @@ def prepare_data(
     logger.info("generating %d synthetic faces at %d-%d px in %s", faces, min_image_size, max_image_size, raw)
     images_archive, _ = generate_archives(raw, synthetic)
     extract_images(images_archive, data.images_dir)
+    # Every field explicit (params have no defaults): the benchmark's own fixed data, not params.yaml's.
     convert = ConvertParams(
-        bbox="landmarks", padding=padding, context=context, crop_size=crop_size, val_fraction=0.0, workers=0
+        bbox="landmarks",
+        padding=padding,
+        context=context,
+        crop_size=crop_size,
+        jpeg_quality=95,
+        val_fraction=0.0,
+        seed=seed,
+        max_outside=0.5,
+        on_error="fail",
+        workers=0,
     )
     run_convert(convert, raw, data.parquet.parent)
     fileio.write_json(stamp, settings)
@@ -668,12 +678,12 @@ def _reset_memory(device: torch.device) -> None:
 
 
 def build_training(
-    arch: str, device: torch.device, precision: engine.Precision, lr: float = 5e-4, seed: int = 0
+    arch: str, device: torch.device, precision: engine.Precision, train: TrainParams, seed: int = 0
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """DeepPose (random init) in the run's memory format and the optimiser `wflw train` builds."""
+    """DeepPose (random init) in the run's memory format and the optimiser `wflw train` builds (train.*)."""
     torch.manual_seed(seed)
     model = build_model(arch, "none").to(device).to(memory_format=precision.memory_format())
-    return model, build_optimizer(model, TrainParams(lr=lr), device)
+    return model, build_optimizer(model, train, device)
 
 
 def _compile(model: torch.nn.Module, mode: str) -> torch.nn.Module:
@@ -693,11 +703,12 @@ def time_train_step(
     compiled: bool,
     compile_mode: str,
     loss: LossParams,
+    train: TrainParams,
 ) -> dict[str, Any]:
     """Images/s of forward + backward + Adam step on fixed random inputs already on the device."""
 
     _reset_memory(device)
-    model, optimizer = build_training(arch, device, precision)
+    model, optimizer = build_training(arch, device, precision, train)
     model.train()
     step_model = _compile(model, compile_mode) if compiled else model
     loss_fn = build_loss_from(loss, input_size)
@@ -751,6 +762,7 @@ def run_train_step(
     *,
     out_dir: Path,
     loss: LossParams,
+    train: TrainParams,
     arch: str = "resnet50",
     input_size: int = 256,
     batch_size: int | None = None,
@@ -812,6 +824,7 @@ def run_train_step(
             compiled=compiled,
             compile_mode=compile_mode,
             loss=loss,
+            train=train,
         )
         achieved = 3 * flops * run["images_per_s"] / 1e12
         run["achieved_tflops"] = achieved
@@ -873,6 +886,7 @@ def run_epoch(
     out_dir: Path,
     augmentation: AugmentParams,
     loss: LossParams,
+    train: TrainParams,
     arch: str = "resnet50",
     faces: int | None = None,
     crop_size: int = 384,
@@ -902,9 +916,9 @@ def run_epoch(
     configure_backends(device)
     faceset = synthetic_faces(faces, crop_size, context, device)
     view = engine.View(crop_size, context, input_size)
-    model, optimizer = build_training(arch, device, precision)
-    config = TrainParams(epochs=reference_epochs, warmup_iters=500)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, max(1, faces // batch_size)))
+    model, optimizer = build_training(arch, device, precision, train)
+    # The optimiser and LR schedule of the loaded params (train.*), as `wflw train` would run them.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train, max(1, faces // batch_size)))
     step_model = _compile(model, compile_mode) if compiled else model
     loss_fn = build_loss_from(loss, input_size)
     _reset_memory(device)

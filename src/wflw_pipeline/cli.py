@@ -78,6 +78,7 @@ def _bench(params: Params, args: argparse.Namespace) -> None:
     training = {
         **common,
         "loss": params.loss,
+        "train": params.train,
         "arch": args.arch,
         "input_size": args.input_size,
         "batch_size": args.batch_size,
@@ -111,8 +112,8 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> list[argparse.Arg
         help="performance benchmarks: loader, train-step, epoch (tables + JSON under data/bench)",
         description="Measure the data path, the training step and whole epochs on this machine. Each "
         "mode prints a table and writes <mode>.json into --out. Sizes left unset default to GPU-sized "
-        "values on CUDA and small ones elsewhere. Augmentation ranges and the loss come from params "
-        "(augment.*, loss.*). Nothing here asserts a speed.",
+        "values on CUDA and small ones elsewhere. Augmentation ranges, the loss, the optimiser and the "
+        "LR schedule come from params (augment.*, loss.*, train.*). Nothing here asserts a speed.",
     )
     modes = bench.add_subparsers(dest="bench", required=True, metavar="MODE")
     loader = modes.add_parser(

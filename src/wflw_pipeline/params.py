@@ -1,11 +1,15 @@
-"""Typed, frozen params loaded from params.yaml, with `dotted.key=value` overrides."""
+"""Typed, frozen params loaded from params.yaml, with `dotted.key=value` overrides.
+
+No field has a default: params.yaml is the one source of default values, and a params file (or the
+params stored in a checkpoint) that misses a key is an error naming the key, never a silent fallback.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,12 +26,12 @@ class ParamsError(PipelineError):
 class SyntheticParams:
     """The synthetic WFLW generator (the embedded default data)."""
 
-    seed: int = 0
-    train_faces: int = 7500
-    test_faces: int = 2500
-    min_image_size: int = 200
-    max_image_size: int = 1000
-    workers: int = 0
+    seed: int
+    train_faces: int
+    test_faces: int
+    min_image_size: int
+    max_image_size: int
+    workers: int
 
     def validate(self, key: str) -> None:
         _require(self.train_faces >= 1 and self.test_faces >= 1, f"{key}: need >= 1 face per split")
@@ -42,13 +46,13 @@ class SyntheticParams:
 class WflwSourceParams:
     """Where the official archives are downloaded from, and the SHA-256 they must have."""
 
-    images_url: str = "https://drive.google.com/uc?id=1hzBd48JIdWTJSsATBEB_eFVvPL1bx6UC"
-    annotations_url: str = "https://wywu.github.io/projects/LAB/support/WFLW_annotations.tar.gz"
-    images_sha256: str | None = None
-    annotations_sha256: str | None = None
-    cache_dir: str = "data/downloads"
-    retries: int = 5
-    timeout_s: float = 60.0
+    images_url: str
+    annotations_url: str
+    images_sha256: str | None
+    annotations_sha256: str | None
+    cache_dir: str
+    retries: int
+    timeout_s: float
 
     def validate(self, key: str) -> None:
         for name in ("images_sha256", "annotations_sha256"):
@@ -63,18 +67,18 @@ class WflwSourceParams:
 class LocalSourceParams:
     """Archives the user already has on disk."""
 
-    images_archive: str | None = None
-    annotations_archive: str | None = None
-    images_sha256: str | None = None
-    annotations_sha256: str | None = None
+    images_archive: str | None
+    annotations_archive: str | None
+    images_sha256: str | None
+    annotations_sha256: str | None
 
 
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["synthetic", "wflw", "local"] = "synthetic"
-    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
-    wflw: WflwSourceParams = field(default_factory=WflwSourceParams)
-    local: LocalSourceParams = field(default_factory=LocalSourceParams)
+    source: Literal["synthetic", "wflw", "local"]
+    synthetic: SyntheticParams
+    wflw: WflwSourceParams
+    local: LocalSourceParams
 
     def validate(self, key: str) -> None:
         if self.source == "local":
@@ -89,16 +93,16 @@ class DataParams:
 class ConvertParams:
     """How faces are cropped from the original images into Parquet."""
 
-    bbox: Literal["landmarks", "rect"] = "landmarks"
-    padding: float = 1.25
-    context: float = 1.5
-    crop_size: int = 384
-    jpeg_quality: int = 95
-    val_fraction: float = 0.0
-    seed: int = 0
-    max_outside: float = 0.5
-    on_error: Literal["fail", "skip"] = "fail"
-    workers: int = 0
+    bbox: Literal["landmarks", "rect"]
+    padding: float
+    context: float
+    crop_size: int
+    jpeg_quality: int
+    val_fraction: float
+    seed: int
+    max_outside: float
+    on_error: Literal["fail", "skip"]
+    workers: int
 
     def validate(self, key: str) -> None:
         _require(self.padding >= 1.0, f"{key}.padding: must be >= 1")
@@ -114,9 +118,9 @@ class ConvertParams:
 class ModelParams:
     """DeepPose: a torchvision ResNet, global average pooling, Linear(98 x 2)."""
 
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
-    pretrained: str = "imagenet"
-    input_size: int = 256
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"]
+    pretrained: str
+    input_size: int
 
     def validate(self, key: str) -> None:
         _require(32 <= self.input_size <= 1024, f"{key}.input_size: must be in [32, 1024]")
@@ -124,39 +128,39 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class WingParams:
-    omega: float = 10.0
-    epsilon: float = 2.0
+    omega: float
+    epsilon: float
 
 
 @dataclass(frozen=True)
 class SoftWingParams:
-    omega1: float = 2.0
-    omega2: float = 20.0
-    epsilon: float = 0.5
+    omega1: float
+    omega2: float
+    epsilon: float
 
 
 @dataclass(frozen=True)
 class LossParams:
     """The regression loss; `units: normalized` is the reference (MMPose), `pixels` the Wing paper."""
 
-    name: Literal["wing", "softwing", "l1", "smoothl1"] = "wing"
-    units: Literal["normalized", "pixels"] = "normalized"
-    wing: WingParams = field(default_factory=WingParams)
-    softwing: SoftWingParams = field(default_factory=SoftWingParams)
-    smoothl1_beta: float = 1.0
+    name: Literal["wing", "softwing", "l1", "smoothl1"]
+    units: Literal["normalized", "pixels"]
+    wing: WingParams
+    softwing: SoftWingParams
+    smoothl1_beta: float
 
 
 @dataclass(frozen=True)
 class AugmentParams:
     """Random flip, scale, rotation and shift, drawn as MMPose 1.x's RandomBBoxTransform does."""
 
-    flip_prob: float = 0.5
-    scale_min: float = 0.75
-    scale_max: float = 1.25
-    rotation_deg: float = 60.0
-    rotation_prob: float = 0.6
-    shift_frac: float = 0.16
-    shift_prob: float = 0.3
+    flip_prob: float
+    scale_min: float
+    scale_max: float
+    rotation_deg: float
+    rotation_prob: float
+    shift_frac: float
+    shift_prob: float
 
     def validate(self, key: str) -> None:
         for name in ("flip_prob", "rotation_prob", "shift_prob"):
@@ -170,23 +174,23 @@ class AugmentParams:
 class TrainParams:
     """Optimiser, schedule, devices and checkpoints of the train stage."""
 
-    epochs: int = 210
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
-    schedule: Literal["step", "cosine"] = "step"
-    milestones: tuple[int, ...] = (170, 200)
-    gamma: float = 0.1
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    seed: int = 0
-    resume: Literal["auto", "never"] = "auto"
-    checkpoint_interval_s: float = 0.0
-    threads: int = 0
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_iters: int
+    warmup_ratio: float
+    schedule: Literal["step", "cosine"]
+    milestones: tuple[int, ...]
+    gamma: float
+    device: Literal["auto", "cuda", "mps", "cpu"]
+    precision: Literal["auto", "bf16", "fp32"]
+    channels_last: bool
+    compile: bool
+    seed: int
+    resume: Literal["auto", "never"]
+    checkpoint_interval_s: float
+    threads: int
 
     def validate(self, key: str) -> None:
         _require(self.epochs >= 1, f"{key}.epochs: must be >= 1")
@@ -203,12 +207,12 @@ class TrainParams:
 class EvaluateParams:
     """How the trained model is evaluated on the test split (and val, when there is one)."""
 
-    flip_test: bool = True
-    batch_size: int = 256
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    failure_threshold: float = 0.1
-    grid_faces: int = 8
+    flip_test: bool
+    batch_size: int
+    device: Literal["auto", "cuda", "mps", "cpu"]
+    precision: Literal["auto", "bf16", "fp32"]
+    failure_threshold: float
+    grid_faces: int
 
     def validate(self, key: str) -> None:
         _require(self.batch_size >= 1, f"{key}.batch_size: must be >= 1")
@@ -220,20 +224,20 @@ class EvaluateParams:
 class Params:
     """Everything params.yaml holds; each stage reads its own sections."""
 
-    data: DataParams = field(default_factory=DataParams)
-    convert: ConvertParams = field(default_factory=ConvertParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    loss: LossParams = field(default_factory=LossParams)
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    data: DataParams
+    convert: ConvertParams
+    model: ModelParams
+    loss: LossParams
+    augment: AugmentParams
+    train: TrainParams
+    evaluate: EvaluateParams
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Params:
-        """Rebuild params saved with `to_dict` (e.g. in a checkpoint)."""
+        """Rebuild params saved with `to_dict` (e.g. in a checkpoint); as strict as `load_params`."""
         return _build(cls, data, "")
 
 
@@ -273,14 +277,19 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    """Build `cls` from `data`: every field must be present (no defaults), no other key may be."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ParamsError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+        raise ParamsError(f"{where}: unknown key (known: {', '.join(sorted(fields))})")
+    missing = [f"{prefix}.{name}" if prefix else name for name in fields if name not in data]
+    if missing:
+        also = f"; also missing: {', '.join(missing[1:])}" if len(missing) > 1 else ""
+        raise ParamsError(f"{missing[0]}: missing key (every key must be set; see params.yaml){also}")
     kwargs = {}
-    for name in names & set(data):
+    for name in fields:
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(data[name], hints[name], key)
     obj = cls(**kwargs)

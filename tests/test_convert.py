@@ -11,7 +11,7 @@ import pytest
 from helpers import default_params, face_line, jpeg, ring_landmarks, small_dataset, write_raw
 from PIL import Image
 
-from wflw_pipeline import convert, wflw
+from wflw_pipeline import contract, convert, wflw
 from wflw_pipeline.params import ConvertParams
 
 CONTRACT = {
@@ -48,7 +48,7 @@ def test_schema_is_the_data_contract_and_metadata_names_the_sources(tmp_path):
     schema = pq.read_schema(tmp_path / "out" / "train.parquet")
     assert {f.name: str(f.type) for f in schema} == CONTRACT
     assert schema.names == list(CONTRACT)
-    meta = convert.read_metadata(tmp_path / "out" / "test.parquet")
+    meta = contract.read_metadata(tmp_path / "out" / "test.parquet")
     raw = tmp_path / "raw"
     assert meta["archives"] == {
         name: hashlib.sha256((raw / name).read_bytes()).hexdigest()
@@ -119,27 +119,33 @@ def test_val_split_is_stratified_by_the_flags(tmp_path):
     images = {}
     for i in range(40):
         path = f"2--Demonstration/{i}.jpg"
-        flags = (0, 0, 0, 0, 0, 1) if i % 4 == 0 else (0,) * 6
+        flags = (0, 0, 0, 0, 0, 1) if i % 5 == 0 else (0,) * 6  # 8 blurred faces of 40
         lines["train"].append(face_line(ring_landmarks(100, 100, 50), path, flags))
         images[path] = jpeg(200, 200)
     lines["test"] = lines["train"][:1]
     write_raw(tmp_path / "raw", lines, images)
     summary = _run(tmp_path, val_fraction=0.25)
     assert summary["faces"] == {"train": 30, "test": 1, "val": 10}
-    assert summary["subsets"]["val"]["blur"] in (2, 3)
+    # stratified: 0.25 of the 8 blurred faces = exactly 2 (a random 10 of 40 holds 2 in 35 % of draws)
+    assert summary["subsets"]["val"]["blur"] == 2
     val = _table(tmp_path, "val")
     assert {r["split"] for r in val} == {"val"}
     train_ids = {r["face_id"] for r in _table(tmp_path, "train")}
     assert train_ids.isdisjoint({r["face_id"] for r in val})
     assert len(train_ids) + len(val) == 40
+    # every seed gives exactly 2: a random split would give 2 for all 20 seeds with odds of about 1e-9
+    rows = [{**dict.fromkeys(wflw.ATTRIBUTES, False), "blur": i % 5 == 0} for i in range(40)]
+    for seed in range(20):
+        _, held_out = convert.split_validation(rows, 0.25, seed)
+        assert (len(held_out), sum(row["blur"] for row in held_out)) == (10, 2), seed
 
 
 def test_a_few_faces_still_convert_and_an_unstratifiable_val_split_falls_back(tmp_path, caplog):
     small_dataset(tmp_path / "raw", train=3, test=1)
     with caplog.at_level(logging.WARNING):
         summary = _run(tmp_path, val_fraction=0.5)
-    assert summary["faces"]["train"] + summary["faces"]["val"] == 3
-    assert summary["faces"]["val"] >= 1
+    # round(0.5 * 3 faces) = round(1.5) = 2 val faces (half to even), 1 left to train
+    assert summary["faces"] == {"train": 1, "test": 1, "val": 2}
     assert "cannot be stratified" in caplog.text
 
 

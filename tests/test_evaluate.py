@@ -11,10 +11,11 @@ import torch
 from helpers import default_params, small_dataset
 from torch import nn
 
-from wflw_pipeline import cli, convert, engine, evaluate, train, wflw
+from wflw_pipeline import cli, contract, convert, engine, evaluate, geometry, report, train, wflw
 from wflw_pipeline.dataset import FaceSet, load_faces
 from wflw_pipeline.metrics import MetricsError, auc, ced, failure_rate, nme_per_face
-from wflw_pipeline.model import CheckpointError, load_trained
+from wflw_pipeline.model import MODEL_FORMAT_VERSION, TRAINED_KEYS, CheckpointError, load_trained
+from wflw_pipeline.runtime import Precision
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET_KEYS = {"test", "pose", "expression", "illumination", "makeup", "occlusion", "blur"}
@@ -84,7 +85,7 @@ def test_zero_inter_ocular_distance_and_shape_mismatch_are_clear_errors():
 def test_crop_to_image_applies_each_faces_affine():
     matrices = np.array([[[2.0, 0.0, 10.0], [0.0, 2.0, 20.0]], [[1.0, 0.0, -5.0], [0.0, 1.0, 0.0]]])
     points = np.array([[[1.0, 1.0]], [[3.0, 4.0]]])
-    assert evaluate.crop_to_image(points, matrices).tolist() == [[[12.0, 22.0]], [[-2.0, 4.0]]]
+    assert geometry.crop_to_image(points, matrices).tolist() == [[[12.0, 22.0]], [[-2.0, 4.0]]]
 
 
 # ---------------------------------------------------------------- flip test
@@ -120,7 +121,7 @@ def _predict(shape: torch.Tensor, flip_test: bool) -> torch.Tensor:
         _random_faces(),
         view=engine.View(48, 1.5, 32),
         batch_size=2,
-        precision=engine.Precision(None, channels_last=False),
+        precision=Precision(None, channels_last=False),
         flip_test=flip_test,
     )
 
@@ -153,6 +154,15 @@ def test_flip_test_of_a_constant_asymmetric_shape_averages_it_with_its_mirror():
     # e.g. the chin (16, its own mirror) lands at x = 0.5 exactly: the centre line
     assert torch.allclose(flipped[:, wflw.CHIN, 0], torch.tensor(24.0), atol=1e-5)
     assert not torch.allclose(flipped, _predict(shape, False), atol=1e-2)
+    # The same by hand, not through wflw.FLIP: every point at the centre (0.5, 0.5) but the outer eye
+    # corners, 60 at (0.2, 0.4) and 72 at (0.6, 0.3). The mirror's 60 is its 72 at x' = 1 - 0.6 = 0.4:
+    # 60 -> ((0.2 + 0.4) / 2, (0.4 + 0.3) / 2) = (0.3, 0.35), 72 -> ((0.6 + 0.8) / 2, 0.35) = (0.7, 0.35);
+    # in crop px, (u - 0.5) * 32 + 24: x 17.6 and 30.4, y 19.2; every other point stays at (24, 24).
+    corners = torch.full((98, 2), 0.5)
+    corners[60], corners[72] = torch.tensor([0.2, 0.4]), torch.tensor([0.6, 0.3])
+    by_hand = torch.full((98, 2), 24.0)
+    by_hand[60], by_hand[72] = torch.tensor([17.6, 19.2]), torch.tensor([30.4, 19.2])
+    assert torch.allclose(_predict(corners, True), by_hand.expand(3, 98, 2), atol=1e-4)
 
 
 # ---------------------------------------------------------------- the stage
@@ -195,19 +205,20 @@ def test_missing_or_garbled_checkpoints_name_the_path(tmp_path):
         load_trained(garbled)
     partial = tmp_path / "partial.pt"
     torch.save({"model": {}, "arch": "resnet18"}, partial)
-    with pytest.raises(CheckpointError, match=r"partial\.pt: not a model written by `wflw train`"):
+    with pytest.raises(
+        CheckpointError, match=r"partial\.pt: not a model written by .* \(lacks \['format_version'"
+    ):
         load_trained(partial)
     wrong = tmp_path / "wrong.pt"
-    torch.save(
-        {
-            "model": {"x": torch.zeros(1)},
-            "arch": "resnet18",
-            "view": dict.fromkeys("abc"),
-            "mean_shape": None,
-        },
-        wrong,
-    )
+    complete = {key: {} for key in TRAINED_KEYS} | {
+        "format_version": MODEL_FORMAT_VERSION,
+        "arch": "resnet18",
+    }
+    torch.save(complete | {"view": dict.fromkeys("abc")}, wrong)
     with pytest.raises(CheckpointError, match=r"wrong\.pt: `view` must hold"):
+        load_trained(wrong)
+    torch.save(complete | {"format_version": 1}, wrong)
+    with pytest.raises(CheckpointError, match=r"wrong\.pt: model format 1, this version reads 2"):
         load_trained(wrong)
 
 
@@ -239,7 +250,7 @@ def test_the_stage_writes_every_output_with_the_documented_keys(trained, tmp_pat
 
     ced_lines = (out / "ced.csv").read_text().splitlines()
     assert ced_lines[0] == "threshold,test,pose,expression,illumination,makeup,occlusion,blur"
-    assert len(ced_lines) == 1 + evaluate.CED_STEPS + 1
+    assert len(ced_lines) == 1 + report.CED_STEPS + 1
     assert ced_lines[-1].split(",")[0] == "10"
 
     results = (out / "results.md").read_text()
@@ -272,7 +283,7 @@ def test_predictions_are_mapped_to_the_image_before_scoring(trained, tmp_path, m
 
 def test_real_wflw_results_sit_beside_the_reference(trained, tmp_path, monkeypatch):
     parquet_dir, model_path = trained
-    real_metadata = convert.read_metadata
+    real_metadata = contract.read_metadata
 
     def as_real(path):
         return {**real_metadata(path), "source": "wflw"}

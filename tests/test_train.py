@@ -9,10 +9,11 @@ import pytest
 import torch
 from helpers import default_params, small_dataset
 
-from wflw_pipeline import convert, engine, train
+from wflw_pipeline import convert, engine, losses, runtime, train
 from wflw_pipeline.dataset import FaceSet, load_faces
 from wflw_pipeline.model import build_model
 from wflw_pipeline.params import Params
+from wflw_pipeline.runtime import Precision
 
 NO_AUGMENT = replace(
     default_params().augment, flip_prob=0.0, rotation_prob=0.0, shift_prob=0.0, scale_min=1.0, scale_max=1.0
@@ -64,7 +65,7 @@ def test_lr_schedule_matches_the_reference_by_hand():
     )
     factor = train.lr_factor(config, iters_per_epoch=15)
     assert factor(0) == pytest.approx(0.001)
-    assert factor(250) == pytest.approx(0.001 + 0.999 * 250 / 500)
+    assert factor(250) == pytest.approx(0.5005)  # halfway up the warm-up: 0.001 + 0.999 * 0.5
     assert factor(500) == pytest.approx(1.0)
     assert factor(169 * 15 + 14) == pytest.approx(1.0)
     assert factor(170 * 15) == pytest.approx(0.1)
@@ -78,9 +79,9 @@ def test_lr_schedule_matches_the_reference_by_hand():
 def test_unavailable_device_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    with pytest.raises(train.TrainError, match=r"train.device: cuda is not available"):
-        train.resolve_device("cuda")
-    assert train.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(runtime.RuntimeSetupError, match=r"train.device: cuda is not available"):
+        runtime.resolve_device("cuda")
+    assert runtime.resolve_device("auto") == torch.device("cpu")
 
 
 def _toy_faces(n: int = 16, size: int = 48) -> FaceSet:
@@ -104,8 +105,8 @@ def test_loss_falls_on_16_faces_within_a_few_steps():
     model = build_model("resnet18", "none", train.mean_shape(faces, view))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    loss_fn = train.build_loss_from(default_params().loss, 32)
-    losses = []
+    loss_fn = losses.loss_from_params(default_params().loss, 32)
+    epoch_losses = []
     for epoch in range(8):
         order, augmentation = engine.epoch_generators(0, epoch, 0, torch.device("cpu"))
         result = engine.train_one_epoch(
@@ -119,11 +120,11 @@ def test_loss_falls_on_16_faces_within_a_few_steps():
             batch_size=16,
             order_generator=order,
             augment_generator=augmentation,
-            precision=engine.Precision(None, channels_last=True),
+            precision=Precision(None, channels_last=True),
             progress=False,
         )
-        losses.append(result.loss)
-    assert losses[-1] < 0.5 * losses[0], losses
+        epoch_losses.append(result.loss)
+    assert epoch_losses[-1] < 0.5 * epoch_losses[0], epoch_losses
 
 
 def test_train_writes_model_history_metrics_and_a_checkpoint(tmp_path, parquet_dir):
@@ -134,16 +135,20 @@ def test_train_writes_model_history_metrics_and_a_checkpoint(tmp_path, parquet_d
     assert [line.split(",")[0] for line in history[1:]] == ["1", "2"]
     assert json.loads(out.metrics.read_text()) == metrics
     assert metrics["epochs"] == 2 and metrics["selected_by"] == "val_nme"
-    assert metrics["selected_epoch"] in (1, 2)
+    # the selected epoch is the one whose val NME in history.csv is the lowest (first one on a tie)
+    val_nme = [float(line.split(",")[3]) for line in history[1:]]
+    assert metrics["selected_epoch"] == 1 + val_nme.index(min(val_nme))
+    assert metrics["val_nme"] == pytest.approx(min(val_nme), rel=1e-5)  # history.csv keeps 6 digits
     assert math.isfinite(metrics["val_nme"]) and math.isfinite(metrics["baseline_val_nme"])
-    saved = torch.load(out.model, weights_only=False)
+    saved = torch.load(out.model, weights_only=True)
+    assert saved["epoch"] == metrics["selected_epoch"]
     assert saved["arch"] == "resnet18" and saved["view"] == {
         "crop_size": 48,
         "context": 1.5,
         "input_size": 32,
     }
     assert Params.from_dict(saved["params"]) == _params()
-    assert torch.load(out.checkpoint, weights_only=False)["epoch"] == 2
+    assert torch.load(out.checkpoint, weights_only=True)["epoch"] == 2
 
 
 def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, parquet_dir, monkeypatch):
@@ -160,7 +165,7 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, parqu
     with pytest.raises(KeyboardInterrupt):
         train.run_train(params, parquet_dir, _outputs(tmp_path / "killed"))
     monkeypatch.setattr(train, "write_history", real_write)
-    assert torch.load(_outputs(tmp_path / "killed").checkpoint, weights_only=False)["epoch"] == 1
+    assert torch.load(_outputs(tmp_path / "killed").checkpoint, weights_only=True)["epoch"] == 1
     resumed = train.run_train(params, parquet_dir, _outputs(tmp_path / "killed"))
 
     assert resumed["epochs"] == 3
@@ -172,23 +177,54 @@ def test_a_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, parqu
 def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path, parquet_dir, caplog):
     train.run_train(_params(epochs=1), parquet_dir, _outputs(tmp_path))
     metrics = train.run_train(_params(epochs=1, lr=5e-4), parquet_dir, _outputs(tmp_path))
-    assert "written with other params or data: starting afresh" in caplog.text
+    assert "written with other params, data or code: starting afresh" in caplog.text
     assert metrics["epochs"] == 1
+    # epochs == 1 holds whether or not it resumed (the old checkpoint is at epoch 1 already): only a
+    # fresh run trains and rewrites the checkpoint, with the new lr in its params
+    assert torch.load(_outputs(tmp_path).checkpoint, weights_only=True)["params"]["train"]["lr"] == 5e-4
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, parquet_dir):
+def test_the_epoch_with_the_lowest_val_nme_is_selected_and_saved(tmp_path, parquet_dir, monkeypatch):
+    """val NME scripted as 5, 3, 4 %: epoch 2 is the only right choice (neither the first nor the last)."""
+    scripted = iter([5.0, 3.0, 4.0])
+    weights = []
+
+    def scripted_val_nme(model, *args, **kwargs):
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(scripted)
+
+    monkeypatch.setattr(train, "val_nme", scripted_val_nme)
+    out = _outputs(tmp_path)
+    metrics = train.run_train(_params(epochs=3), parquet_dir, out)
+
+    assert (metrics["selected_epoch"], metrics["selected_by"], metrics["val_nme"]) == (2, "val_nme", 3.0)
+    assert [line.split(",")[3] for line in out.history.read_text().splitlines()[1:]] == ["5", "3", "4"]
+    saved = torch.load(out.model, weights_only=True)
+    assert saved["epoch"] == 2
+    assert all(torch.equal(saved["model"][k], v) for k, v in weights[1].items())  # epoch 2's weights
+    assert not all(torch.equal(saved["model"][k], v) for k, v in weights[2].items())  # not the last's
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, parquet_dir, monkeypatch):
     calls = {"n": 0}
+    real_loss = train.loss_from_params
 
-    def poison(loss):
-        calls["n"] += 1
-        return loss * float("nan") if calls["n"] > 2 else loss
+    def poisoned_after_two_steps(config, input_size):
+        loss_fn = real_loss(config, input_size)
 
+        def poisoned(pred, target):
+            calls["n"] += 1
+            return loss_fn(pred, target) * (float("nan") if calls["n"] > 2 else 1.0)
+
+        return poisoned
+
+    monkeypatch.setattr(train, "loss_from_params", poisoned_after_two_steps)
     out = _outputs(tmp_path)
     with pytest.raises(
         train.TrainError, match=r"epoch 2: the training loss became NaN or infinite .* is kept"
     ):
-        train.run_train(_params(), parquet_dir, out, after_step=poison)
-    assert torch.load(out.checkpoint, weights_only=False)["epoch"] == 1
+        train.run_train(_params(), parquet_dir, out)
+    assert torch.load(out.checkpoint, weights_only=True)["epoch"] == 1
     assert not out.model.exists()
 
 
@@ -235,7 +271,7 @@ def test_ddp_with_two_cpu_processes_trains_and_writes_one_checkpoint(tmp_path, p
     ]
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
 def test_a_checkpoint_interval_saves_the_first_and_last_epochs_only(tmp_path, parquet_dir, monkeypatch):
@@ -253,8 +289,8 @@ def test_a_checkpoint_interval_saves_the_first_and_last_epochs_only(tmp_path, pa
     monkeypatch.setattr(train, "write_history", killed_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.run_train(params, parquet_dir, out)
-    assert torch.load(out.checkpoint, weights_only=False)["epoch"] == 1
+    assert torch.load(out.checkpoint, weights_only=True)["epoch"] == 1
     monkeypatch.setattr(train, "write_history", real_write)
     metrics = train.run_train(params, parquet_dir, out)
     assert metrics["epochs"] == 3
-    assert torch.load(out.checkpoint, weights_only=False)["epoch"] == 3
+    assert torch.load(out.checkpoint, weights_only=True)["epoch"] == 3

@@ -36,17 +36,13 @@ from PIL import Image
 from . import augment, engine, fileio, wflw
 from .dataset import FaceSet, load_faces
 from .errors import PipelineError
+from .losses import loss_from_params
 from .model import DeepPose, build_model
 from .params import AugmentParams, ConvertParams, LossParams, SyntheticParams, TrainParams
-from .train import (
-    TrainError,
-    build_loss_from,
-    build_optimizer,
-    configure_backends,
-    lr_factor,
-)
-from .train import resolve_device as resolve_train_device
-from .train import resolve_precision as resolve_train_precision
+from .runtime import Precision, RuntimeSetupError, configure_backends
+from .runtime import resolve_device as resolve_train_device
+from .runtime import resolve_precision as resolve_train_precision
+from .train import build_optimizer, lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +102,11 @@ def _cpu_model() -> str:
 def resolve_device(name: str) -> torch.device:
     try:
         return resolve_train_device(name, key="bench --device")
-    except TrainError as err:
+    except RuntimeSetupError as err:
         raise BenchError(str(err)) from None
 
 
-def resolve_precision(name: str, channels_last: bool | None, device: torch.device) -> engine.Precision:
+def resolve_precision(name: str, channels_last: bool | None, device: torch.device) -> Precision:
     """auto: bf16 autocast on CUDA, fp32 elsewhere; channels_last defaults to on (as train.* does)."""
     return resolve_train_precision(name, True if channels_last is None else channels_last, device)
 
@@ -448,7 +444,7 @@ def time_ours(
     faces: FaceSet,
     view: engine.View,
     augmentation: AugmentParams,
-    precision: engine.Precision,
+    precision: Precision,
     *,
     batch_size: int,
     batches: int,
@@ -522,7 +518,7 @@ def run_loader(
     paths, landmarks = data.records()
     view = engine.View(faceset.crop_size, faceset.context, input_size)
     # The loader's output is fp32 either way; on CUDA in the memory format training feeds the model.
-    precision = engine.Precision(None, device.type == "cuda" if channels_last is None else channels_last)
+    precision = Precision(None, device.type == "cuda" if channels_last is None else channels_last)
     dataset = ReferenceStyleDataset(
         paths, landmarks, augmentation=augmentation, padding=padding, out_size=input_size, seed=seed
     )
@@ -640,7 +636,7 @@ def forward_flops(arch: str, input_size: int) -> int:
 
 
 def peak_tflops(
-    device: torch.device, precision: engine.Precision, given: float | None
+    device: torch.device, precision: Precision, given: float | None
 ) -> tuple[float | None, str]:
     """The peak to divide by: `given`, else the dense bf16 table entry of this GPU, else None (n/a)."""
     if given is not None:
@@ -678,7 +674,7 @@ def _reset_memory(device: torch.device) -> None:
 
 
 def build_training(
-    arch: str, device: torch.device, precision: engine.Precision, train: TrainParams, seed: int = 0
+    arch: str, device: torch.device, precision: Precision, train: TrainParams, seed: int = 0
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """DeepPose (random init) in the run's memory format and the optimiser `wflw train` builds (train.*)."""
     torch.manual_seed(seed)
@@ -699,7 +695,7 @@ def time_train_step(
     warmup: int,
     repeats: int,
     device: torch.device,
-    precision: engine.Precision,
+    precision: Precision,
     compiled: bool,
     compile_mode: str,
     loss: LossParams,
@@ -711,7 +707,7 @@ def time_train_step(
     model, optimizer = build_training(arch, device, precision, train)
     model.train()
     step_model = _compile(model, compile_mode) if compiled else model
-    loss_fn = build_loss_from(loss, input_size)
+    loss_fn = loss_from_params(loss, input_size)
     generator = torch.Generator(device=device).manual_seed(0)
     inputs = torch.randn(batch_size, 3, input_size, input_size, device=device, generator=generator)
     inputs = inputs.contiguous(memory_format=precision.memory_format())
@@ -920,7 +916,7 @@ def run_epoch(
     # The optimiser and LR schedule of the loaded params (train.*), as `wflw train` would run them.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train, max(1, faces // batch_size)))
     step_model = _compile(model, compile_mode) if compiled else model
-    loss_fn = build_loss_from(loss, input_size)
+    loss_fn = loss_from_params(loss, input_size)
     _reset_memory(device)
     rows = []
     for epoch in range(epochs):

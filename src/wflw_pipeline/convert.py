@@ -18,36 +18,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from . import wflw
+from . import geometry, wflw
+from .contract import FORMAT_VERSION, write_parquet
 from .errors import PipelineError
 from .fileio import atomic_paths
 from .params import ConvertParams
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-METADATA_KEY = b"wflw_pipeline"
-
-SCHEMA = pa.schema(
-    [
-        ("face_id", pa.int64()),
-        ("split", pa.string()),
-        ("image_path", pa.string()),
-        ("image_width", pa.int32()),
-        ("image_height", pa.int32()),
-        ("crop_jpeg", pa.binary()),
-        ("crop_to_image", pa.list_(pa.float32(), 6)),
-        ("landmarks", pa.list_(pa.float32(), 2 * wflw.NUM_POINTS)),
-        ("landmarks_image", pa.list_(pa.float32(), 2 * wflw.NUM_POINTS)),
-        ("rect", pa.list_(pa.int32(), 4)),
-        *[(name, pa.bool_()) for name in wflw.ATTRIBUTES],
-    ]
-)
 
 
 class ConvertError(PipelineError):
@@ -127,30 +107,18 @@ class _StreamedArchive:
         self.sha256 = reader.sha256.hexdigest()
 
 
-def face_box(annotation: wflw.Annotation, bbox: str) -> tuple[float, float, float]:
-    """Centre x, centre y and side of the square face box (before padding)."""
-    if bbox == "landmarks":
-        lo, hi = annotation.landmarks.min(axis=0), annotation.landmarks.max(axis=0)
-    else:
-        lo, hi = np.array(annotation.rect[:2], float), np.array(annotation.rect[2:], float)
-    (cx, cy), (w, h) = (lo + hi) / 2.0, hi - lo
-    return float(cx), float(cy), float(max(w, h))
-
-
 def crop_transform(annotation: wflw.Annotation, spec: CropSpec) -> np.ndarray:
     """2x3 affine mapping crop pixels to original image pixels (continuous coordinates)."""
-    cx, cy, side = face_box(annotation, spec.bbox)
-    region = side * spec.padding * spec.context
-    scale = region / spec.crop_size
-    return np.array([[scale, 0.0, cx - region / 2], [0.0, scale, cy - region / 2]])
+    box = geometry.face_box(annotation.landmarks, np.asarray(annotation.rect), spec.bbox)
+    return geometry.crop_matrix(box, spec.padding, spec.context, spec.crop_size)
 
 
 def _check_geometry(annotation: wflw.Annotation, spec: CropSpec, width: int, height: int) -> str | None:
     """Why this face cannot be cropped, or None."""
-    side = face_box(annotation, spec.bbox)[2]
+    side = geometry.face_box(annotation.landmarks, np.asarray(annotation.rect), spec.bbox)[2]
     if side <= 1.0:
         return f"degenerate face box ({spec.bbox}) of side {side:.2f} px"
-    margin = spec.max_outside * face_box(annotation, "landmarks")[2]
+    margin = spec.max_outside * geometry.face_box(annotation.landmarks, (), "landmarks")[2]
     pts = annotation.landmarks
     outside = (pts[:, 0] < -margin) | (pts[:, 0] > width + margin)
     outside |= (pts[:, 1] < -margin) | (pts[:, 1] > height + margin)
@@ -359,23 +327,6 @@ def split_validation(rows: list[dict], fraction: float, seed: int) -> tuple[list
         logger.warning("val split cannot be stratified by the flags (%s); splitting at random", err)
         train_idx, val_idx = train_test_split(index, test_size=n_val, random_state=seed)
     return [rows[i] for i in sorted(train_idx)], [rows[i] for i in sorted(val_idx)]
-
-
-def write_parquet(rows: list[dict], path: Path, metadata: dict[str, Any], row_group_size: int = 1024) -> None:
-    """Write rows sorted by face_id with the contract schema and file-level metadata."""
-    rows = sorted(rows, key=lambda row: row["face_id"])
-    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata).encode()})
-    columns = {name: [row[name] for row in rows] for name in SCHEMA.names}
-    table = pa.Table.from_pydict(columns, schema=schema)
-    pq.write_table(table, path, row_group_size=row_group_size, compression="zstd")
-
-
-def read_metadata(path: Path) -> dict[str, Any]:
-    """The pipeline's file-level metadata of a Parquet file written by convert."""
-    meta = pq.read_schema(path).metadata or {}
-    if METADATA_KEY not in meta:
-        raise ConvertError(f"{path}: no {METADATA_KEY.decode()} metadata: not written by `wflw convert`")
-    return json.loads(meta[METADATA_KEY])
 
 
 def _flag_counts(rows: list[dict]) -> dict[str, int]:

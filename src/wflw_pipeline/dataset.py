@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from . import wflw
-from .convert import read_metadata
+from .contract import read_metadata
 from .errors import PipelineError
 
 

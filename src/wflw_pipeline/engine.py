@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,6 +15,7 @@ from . import augment, wflw
 from .dataset import FaceSet, batch_indices
 from .errors import PipelineError
 from .params import AugmentParams
+from .runtime import Precision
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -35,26 +35,13 @@ class View:
 
 
 @dataclass(frozen=True)
-class Precision:
-    """Autocast dtype (None = fp32) and memory format of one run."""
-
-    dtype: torch.dtype | None
-    channels_last: bool
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.dtype)
-
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
-
-@dataclass(frozen=True)
 class EpochResult:
+    """One epoch: mean loss over every rank's images, the learning rate of its last step, wall time."""
+
     loss: float
     images: int
     seconds: float
+    lr: float
 
 
 def draw(
@@ -113,6 +100,29 @@ def reusable(previous: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     return previous
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loss_fn: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    precision: Precision,
+) -> torch.Tensor:
+    """One optimisation step: forward under autocast, the loss in fp32, backward, Adam, schedule.
+
+    Returns the (detached) loss of the batch.
+    """
+    with precision.autocast(inputs.device):
+        pred = model(inputs)
+    loss = loss_fn(pred.float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -130,7 +140,6 @@ def train_one_epoch(
     world_size: int = 1,
     check_every: int = 50,
     progress: bool = True,
-    after_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochResult:
     """One pass over `faces` (this rank's share of each batch); the result sums every rank.
 
@@ -139,7 +148,7 @@ def train_one_epoch(
     device = faces.images.device
     model.train()
     total = torch.zeros((), device=device, dtype=_accumulator_dtype(device))
-    seen, start = 0, time.perf_counter()
+    seen, start, lr = 0, time.perf_counter(), optimizer.param_groups[0]["lr"]
     inputs: torch.Tensor | None = None  # the last step's inputs, overwritten by the next (CPU)
     batches = _on_device(
         batch_indices(
@@ -160,16 +169,9 @@ def train_one_epoch(
         inputs, targets = inputs_and_targets(
             faces, index, view, draws, precision, out=reusable(inputs, len(index))
         )
-        with precision.autocast(device):
-            pred = model(inputs)
-        loss = loss_fn(pred.float(), targets)
-        if after_step is not None:
-            loss = after_step(loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total += loss.detach() * len(index)
+        lr = optimizer.param_groups[0]["lr"]
+        loss = train_step(model, optimizer, scheduler, loss_fn, inputs, targets, precision)
+        total += loss * len(index)
         seen += len(index)
         if (step + 1) % check_every == 0 or step + 1 == len(batches):
             _check_finite(total, step)
@@ -177,7 +179,7 @@ def train_one_epoch(
     if world_size > 1:
         torch.distributed.all_reduce(totals)
     loss_sum, images = totals.tolist()
-    return EpochResult(loss_sum / max(images, 1), int(images), time.perf_counter() - start)
+    return EpochResult(loss_sum / max(images, 1), int(images), time.perf_counter() - start, lr)
 
 
 def _accumulator_dtype(device: torch.device) -> torch.dtype:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,38 +35,19 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from . import wflw
-from .convert import read_metadata
+from . import report, wflw
+from .contract import read_metadata
 from .dataset import FaceSet, batch_indices, load_faces
-from .engine import Precision, View, predict
+from .engine import View, predict
 from .errors import PipelineError
 from .fileio import atomic_paths
-from .metrics import auc, ced, failure_rate, nme_per_face
+from .geometry import crop_to_image, input_to_crop
+from .metrics import auc, failure_rate, mean_shape_nme, nme_per_face
 from .model import DeepPose, load_trained
 from .params import EvaluateParams
-from .train import baseline_nme, resolve_device, resolve_precision
+from .runtime import Precision, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
-
-SUBSETS: tuple[str, ...] = ("test", *wflw.ATTRIBUTES)
-"""metrics.json's keys for the test split: the full set, then the six attribute subsets."""
-
-TABLE_SUBSETS: tuple[str, ...] = ("test", "pose", "illumination", "occlusion", "blur", "makeup", "expression")
-"""The reference table's column order (WFLW.md, MMPose)."""
-
-REFERENCE_NAME = "DeepPose R50, Wing (MMPose, the reference)"
-REFERENCE_INPUT = 256
-REFERENCE_NME: dict[str, float] = {
-    "test": 4.64,
-    "pose": 8.25,
-    "illumination": 4.59,
-    "occlusion": 5.56,
-    "blur": 5.26,
-    "makeup": 4.59,
-    "expression": 5.07,
-}
-REAL_SOURCES = ("wflw", "local")
-CED_STEPS = 200
 
 
 class EvaluateError(PipelineError):
@@ -123,12 +103,6 @@ class SplitResult:
     @property
     def flags(self) -> np.ndarray:
         return self.faces.flags.cpu().numpy()
-
-
-def crop_to_image(points: np.ndarray, matrices: np.ndarray) -> np.ndarray:
-    """Map crop-pixel points (N, P, 2) through each face's 2x3 crop->image affine (N, 2, 3)."""
-    points, matrices = np.asarray(points, np.float64), np.asarray(matrices, np.float64)
-    return np.einsum("nij,npj->npi", matrices[:, :, :2], points) + matrices[:, None, :, 2]
 
 
 def subset_metrics(nme: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -299,14 +273,17 @@ def run_evaluate(
     if val is not None and len(val):
         val_result = predict_split(model, val, val_path, view=view, params=params, precision=precision)
         metrics["val"] = subset_metrics(val_result.nme, threshold)
-    metrics["mean_shape"] = {"nme": baseline_nme(info["mean_shape"], test, view)}
+    crop_shape = input_to_crop(info["mean_shape"].numpy(), view.crop_size, view.context)
+    metrics["mean_shape"] = {
+        "nme": 100.0 * float(mean_shape_nme(crop_shape, test.landmarks.cpu().numpy()).mean())
+    }
     metrics["config"] = {
         "flip_test": params.flip_test,
         "epoch": info.get("epoch"),
         "input_size": view.input_size,
         "failure_threshold": threshold,
     }
-    context = _Context(
+    context = report.ReportContext(
         arch=str(info["arch"]),
         loss=str(info.get("params", {}).get("loss", {}).get("name", "")),
         input_size=view.input_size,
@@ -318,7 +295,9 @@ def run_evaluate(
         threshold=threshold,
     )
     _write_outputs(outputs, metrics, result, context, params.grid_faces)
-    logger.info("NME (%%): %s", ", ".join(f"{k} {_fmt(metrics[k]['nme'])}" for k in TABLE_SUBSETS))
+    logger.info(
+        "NME (%%): %s", ", ".join(f"{k} {report.fmt(metrics[k]['nme'])}" for k in report.TABLE_SUBSETS)
+    )
     logger.info("always predicting the mean training shape: test NME %.2f %%", metrics["mean_shape"]["nme"])
     logger.info("wrote %s", ", ".join(str(p) for p in _all_paths(outputs)))
     return metrics
@@ -341,116 +320,6 @@ def _check_view(info: dict[str, Any], meta: dict[str, Any], model_path: Path, te
             )
 
 
-@dataclass(frozen=True)
-class _Context:
-    """What results.md and the plots say about the run besides the numbers."""
-
-    arch: str
-    loss: str
-    input_size: int
-    source: str
-    bbox: str
-    flip_test: bool
-    epoch: Any
-    checkpoint: str
-    threshold: float
-
-    @property
-    def real(self) -> bool:
-        return self.source in REAL_SOURCES
-
-    @property
-    def label(self) -> str:
-        arch = f"R{self.arch[len('resnet') :]}" if self.arch.startswith("resnet") else self.arch
-        loss = {"wing": "Wing", "softwing": "SoftWing", "l1": "L1", "smoothl1": "SmoothL1"}.get(
-            self.loss, self.loss
-        )
-        return f"DeepPose {arch}" + (f", {loss}" if loss else "") + " (this run)"
-
-
-def _fmt(value: float | None, digits: int = 2, sign: bool = False) -> str:
-    if value is None:
-        return "–"
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
-
-def results_markdown(metrics: dict[str, Any], context: _Context) -> str:
-    """results.md: this run as a row of the reference table (beside the reference on real WFLW)."""
-    header = ["Arch", "Input Size", "NME test", *TABLE_SUBSETS[1:]]
-    size = f"{context.input_size}x{context.input_size}"
-    rows = [[context.label, size, *(_fmt(metrics[s]["nme"]) for s in TABLE_SUBSETS)]]
-    if context.real:
-        rows.append([REFERENCE_NAME, f"{REFERENCE_INPUT}x{REFERENCE_INPUT}"])
-        rows[-1] += [_fmt(REFERENCE_NME[s]) for s in TABLE_SUBSETS]
-        diffs = [
-            None if metrics[s]["nme"] is None else metrics[s]["nme"] - REFERENCE_NME[s] for s in TABLE_SUBSETS
-        ]
-        rows.append(["difference (this run − reference)", "", *(_fmt(d, sign=True) for d in diffs)])
-    table = [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(row) for row in rows)]
-    t = context.threshold
-    lines = [
-        f"# Evaluation of {context.checkpoint}",
-        "",
-        f"NME (%) on the WFLW test split, normalised by the inter-ocular distance (points 60-72). "
-        f"Data: `{context.source}`. Face box: `{context.bbox}` "
-        f"({_BBOX_WORDS.get(context.bbox, 'see convert.bbox')}). "
-        f"Flip test: {'on' if context.flip_test else 'off'}. Epoch: {context.epoch}.",
-        "",
-        *table,
-        "",
-    ]
-    if not context.real:
-        lines += [
-            f"The data source is `{context.source}`, not real WFLW: the reference result "
-            f"({REFERENCE_NAME}, NME {REFERENCE_NME['test']:.2f} % on WFLW test) is not comparable "
-            "and is not shown beside this run.",
-            "",
-        ]
-    lines += [
-        f"Failure rate FR@{t:g} (% of faces with NME > {t:g}), AUC@{t:g} (area under the CED up to {t:g}, "
-        "divided by it) and faces per subset:",
-        "",
-        _md_row(["", *TABLE_SUBSETS] + (["val"] if "val" in metrics else [])),
-        _md_row(["---"] * (len(TABLE_SUBSETS) + 1 + ("val" in metrics))),
-    ]
-    columns = [*TABLE_SUBSETS] + (["val"] if "val" in metrics else [])
-    lines.append(_md_row(["NME (%)", *(_fmt(metrics[s]["nme"]) for s in columns)]))
-    lines.append(_md_row([f"FR@{t:g} (%)", *(_fmt(metrics[s]["fr"]) for s in columns)]))
-    lines.append(_md_row([f"AUC@{t:g}", *(_fmt(metrics[s]["auc"], 4) for s in columns)]))
-    lines.append(_md_row(["faces", *(str(metrics[s]["n"]) for s in columns)]))
-    return "\n".join(lines) + "\n"
-
-
-_BBOX_WORDS = {
-    "landmarks": "the extent of the ground-truth landmarks, the reference protocol",
-    "rect": "the annotation's detection rectangle",
-}
-
-
-def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def ced_table(result: SplitResult, threshold: float, steps: int = CED_STEPS) -> tuple[np.ndarray, dict]:
-    """Thresholds (NME %, 0..100 x threshold) and the CED fraction of every non-empty subset at each."""
-    thresholds = np.linspace(0.0, threshold, steps + 1)
-    curves: dict[str, np.ndarray | None] = {}
-    flags = result.flags
-    for subset in SUBSETS:
-        selected = result.nme if subset == "test" else result.nme[flags[:, wflw.ATTRIBUTES.index(subset)]]
-        curves[subset] = ced(selected, thresholds) if selected.size else None
-    return 100.0 * thresholds, curves
-
-
-def ced_csv(thresholds: np.ndarray, curves: dict[str, np.ndarray | None]) -> str:
-    """Wide CSV: `threshold` (NME %) then one CED column per subset (empty cells for an empty subset)."""
-    lines = [",".join(["threshold", *SUBSETS])]
-    for i, t in enumerate(thresholds):
-        cells = ["" if curves[s] is None else f"{curves[s][i]:.6g}" for s in SUBSETS]
-        lines.append(",".join([f"{t:.6g}", *cells]))
-    return "\n".join(lines) + "\n"
-
-
 def per_face_table(result: SplitResult) -> pa.Table:
     """face_id, nme (%) and the six flags, one row per test face."""
     columns: dict[str, Any] = {
@@ -461,107 +330,6 @@ def per_face_table(result: SplitResult) -> pa.Table:
     for i, attribute in enumerate(wflw.ATTRIBUTES):
         columns[attribute] = pa.array(flags[:, i], pa.bool_())
     return pa.table(columns)
-
-
-def plot_ced(
-    thresholds: np.ndarray, curves: dict, metrics: dict[str, Any], context: _Context, path: Path
-) -> None:
-    """CED curves of the test set and each subset, AUC in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9.0, 4.8), dpi=110)
-    for subset in SUBSETS:
-        if curves[subset] is None:
-            continue
-        style = {"linewidth": 2.6, "color": "black"} if subset == "test" else {"linewidth": 1.5}
-        scores = metrics[subset]
-        label = f"{subset} (n={scores['n']})\nAUC {scores['auc']:.3f}, FR {scores['fr']:.1f} %"
-        ax.plot(thresholds, curves[subset], label=label, **style)
-    ax.set_xlim(0, thresholds[-1])
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("NME threshold (%)")
-    ax.set_ylabel("fraction of faces with NME ≤ threshold")
-    ax.set_title(f"Cumulative error distribution, {context.label}\n{_subtitle(context)}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), labelspacing=0.9)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-
-
-def _subtitle(context: _Context) -> str:
-    return (
-        f"{context.source} data, face box {context.bbox}, flip test {'on' if context.flip_test else 'off'}, "
-        f"input {context.input_size} px"
-    )
-
-
-def plot_nme_subsets(metrics: dict[str, Any], context: _Context, path: Path) -> None:
-    """NME per subset as bars, beside the reference's bars on real WFLW."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = np.arange(len(TABLE_SUBSETS))
-    ours = [metrics[s]["nme"] if metrics[s]["nme"] is not None else np.nan for s in TABLE_SUBSETS]
-    fig, ax = plt.subplots(figsize=(8.0, 4.6), dpi=110)
-    width = 0.4 if context.real else 0.6
-    offset = -width / 2 if context.real else 0.0
-    bars = ax.bar(x + offset, ours, width, label=context.label, color="tab:blue")
-    ax.bar_label(bars, labels=[_fmt(v if not math.isnan(v) else None) for v in ours], fontsize=8, padding=2)
-    if context.real:
-        ref = [REFERENCE_NME[s] for s in TABLE_SUBSETS]
-        ref_bars = ax.bar(x + width / 2, ref, width, label=REFERENCE_NAME, color="tab:gray")
-        ax.bar_label(ref_bars, labels=[f"{v:.2f}" for v in ref], fontsize=8, padding=2)
-    ax.set_xticks(x, [f"{s}\nn={metrics[s]['n']}" for s in TABLE_SUBSETS], fontsize=9)
-    ax.set_ylabel("NME (%)")
-    top = np.nanmax([*ours, *(REFERENCE_NME.values() if context.real else [])])
-    ax.set_ylim(0, 1.18 * (top if np.isfinite(top) and top > 0 else 1.0))
-    ax.set_title(f"NME per subset, {context.label}\n{_subtitle(context)}", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
-
-
-def plot_best_worst(result: SplitResult, count: int, path: Path) -> None:
-    """Two rows: the `count` best and the `count` worst test faces, predicted (red) vs true (green)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = np.argsort(result.nme, kind="stable")
-    count = min(count, len(order))
-    rows = {"best": order[:count], "worst": order[::-1][:count].copy()}
-    size = result.faces.crop_size
-    fig, axes = plt.subplots(
-        2, count, figsize=(max(1.9 * count, 4.0), 5.0), dpi=110, squeeze=False, layout="constrained"
-    )
-    gt_crop = result.faces.landmarks.cpu().numpy()
-    for row, (name, picks) in enumerate(rows.items()):
-        images = result.faces.images[torch.as_tensor(picks, device=result.faces.images.device)]
-        images = images.permute(0, 2, 3, 1).cpu().numpy()
-        for col, ax in enumerate(axes[row]):
-            ax.axis("off")
-            if col >= len(picks):
-                continue
-            i = picks[col]
-            ax.imshow(images[col], extent=(0, size, size, 0), interpolation="bilinear")
-            ax.scatter(*gt_crop[i].T, s=5, c="lime", linewidths=0)
-            ax.scatter(*result.pred_crop[i].T, s=3, c="red", linewidths=0)
-            ax.set_xlim(0, size)
-            ax.set_ylim(size, 0)
-            face_id = int(result.faces.face_id[i])
-            ax.set_title(f"{name} #{col + 1}: face {face_id}\nNME {100 * result.nme[i]:.2f} %", fontsize=8)
-    fig.suptitle("Best and worst test faces\npredicted (red), ground truth (green)", fontsize=10)
-    fig.savefig(path, format="png")
-    plt.close(fig)
 
 
 def _all_paths(outputs: EvalOutputs) -> list[Path]:
@@ -577,15 +345,31 @@ def _all_paths(outputs: EvalOutputs) -> list[Path]:
 
 
 def _write_outputs(
-    outputs: EvalOutputs, metrics: dict[str, Any], result: SplitResult, context: _Context, grid_faces: int
+    outputs: EvalOutputs,
+    metrics: dict[str, Any],
+    result: SplitResult,
+    context: report.ReportContext,
+    grid_faces: int,
 ) -> None:
     """Write every output to a temporary file first, then rename them all: no partial output survives."""
-    thresholds, curves = ced_table(result, context.threshold)
+    thresholds, curves = report.ced_table(result.nme, result.flags, context.threshold)
+    picks = report.best_and_worst(result.nme, grid_faces)
+    index = np.concatenate(list(picks.values()))
+    images = result.faces.images[torch.as_tensor(index, device=result.faces.images.device)]
+    crops = dict(zip(index.tolist(), images.permute(0, 2, 3, 1).cpu().numpy(), strict=True))
     with atomic_paths(_all_paths(outputs)) as temps:
         temps[outputs.metrics].write_text(json.dumps(metrics, indent=2) + "\n")
         pq.write_table(per_face_table(result), temps[outputs.per_face])
-        temps[outputs.ced_csv].write_text(ced_csv(thresholds, curves))
-        temps[outputs.results].write_text(results_markdown(metrics, context))
-        plot_ced(thresholds, curves, metrics, context, temps[outputs.ced_png])
-        plot_nme_subsets(metrics, context, temps[outputs.nme_png])
-        plot_best_worst(result, grid_faces, temps[outputs.grid_png])
+        temps[outputs.ced_csv].write_text(report.ced_csv(thresholds, curves))
+        temps[outputs.results].write_text(report.results_markdown(metrics, context))
+        report.plot_ced(thresholds, curves, metrics, context, temps[outputs.ced_png])
+        report.plot_nme_subsets(metrics, context, temps[outputs.nme_png])
+        report.plot_best_worst(
+            picks,
+            crops,
+            result.faces.landmarks.cpu().numpy(),
+            result.pred_crop,
+            result.nme,
+            result.faces.face_id.cpu().numpy(),
+            temps[outputs.grid_png],
+        )

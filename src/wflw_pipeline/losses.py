@@ -19,6 +19,8 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from .params import LossParams
+
 Units = Literal["normalized", "pixels"]
 UNITS: tuple[str, ...] = ("normalized", "pixels")
 
@@ -132,3 +134,17 @@ def build_loss(name: str, **kwargs: float | str) -> PointLoss:
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}: choose one of {', '.join(LOSSES)}")
     return LOSSES[name](**kwargs)
+
+
+def loss_from_params(config: LossParams, input_size: int) -> PointLoss:
+    """The loss `config` describes, in its units, for a network input of `input_size` px."""
+    options: dict[str, float | str] = {"units": config.units, "input_size": input_size}
+    if config.name == "wing":
+        options.update(omega=config.wing.omega, epsilon=config.wing.epsilon)
+    elif config.name == "softwing":
+        options.update(
+            omega1=config.softwing.omega1, omega2=config.softwing.omega2, epsilon=config.softwing.epsilon
+        )
+    elif config.name == "smoothl1":
+        options.update(beta=config.smoothl1_beta)
+    return build_loss(config.name, **options)

@@ -24,6 +24,12 @@ def nme_per_face(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     return np.linalg.norm(pred - gt, axis=2).mean(axis=1) / iod
 
 
+def mean_shape_nme(shape: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """NME per face of the baseline that always predicts `shape` (98, 2), e.g. the mean training shape."""
+    shape = np.asarray(shape, np.float64)
+    return nme_per_face(np.broadcast_to(shape, np.shape(gt)), gt)
+
+
 def _errors(nme: np.ndarray) -> np.ndarray:
     """Validate per-face NMEs: a non-empty 1-D array of finite, non-negative values."""
     errors = np.asarray(nme, np.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,7 @@ from torchvision.models import WeightsEnum
 
 from wflw_pipeline import wflw
 from wflw_pipeline.errors import PipelineError
+from wflw_pipeline.fileio import atomic_path
 
 ARCHITECTURES: dict[str, tuple[Callable[..., models.ResNet], WeightsEnum]] = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
@@ -32,6 +34,9 @@ class DeepPose(nn.Module):
     The output is (B, 98, 2): x then y of each point, normalised to the network input ([0, 1] spans
     its width and height). The head starts with zero weights and `mean_shape` (default: every point
     at 0.5, the input centre) as bias, so the first prediction is the mean shape for any image.
+
+    The head always runs in fp32, under autocast too: bf16 keeps 8 significant bits, so an output in
+    [0.5, 1) would move in steps of 1/256 of the input, a whole pixel at 256 px.
     """
 
     def __init__(self, arch: str, mean_shape: Tensor | None = None) -> None:
@@ -46,7 +51,10 @@ class DeepPose(nn.Module):
             self.head.bias.copy_(_initial_bias(mean_shape))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.backbone(x)).view(-1, wflw.NUM_POINTS, 2)
+        features = self.backbone(x)
+        with torch.autocast(x.device.type, enabled=False):
+            points = self.head(features.float())
+        return points.view(-1, wflw.NUM_POINTS, 2)
 
 
 def _resnet(arch: str) -> models.ResNet:
@@ -131,24 +139,75 @@ class CheckpointError(ModelError):
     """A trained-model file that is missing, unreadable or not what `wflw train` writes."""
 
 
-TRAINED_KEYS = ("model", "arch", "view", "mean_shape")
+MODEL_FORMAT_VERSION = 2
+TRAINED_KEYS = (
+    "format_version", "model", "arch", "view", "face_box", "normalize", "landmarks", "mean_shape", "data",
+    "epoch", "params",
+)  # fmt: skip
 VIEW_KEYS = ("crop_size", "context", "input_size")
+LANDMARKS = {
+    "points": wflw.NUM_POINTS,
+    "layout": "WFLW 98-point",
+    "output": "(N, 98, 2) x then y, normalised to the network input: [0, 1] spans its width and height",
+    "pixels": "continuous: pixel i covers [i, i + 1), an image of side n spans [0, n]",
+}
+"""How to read the model's output (stored in model.pt, so a user needs no checkout to interpret it)."""
+
+
+def save_trained(
+    path: Path,
+    weights: Mapping[str, Tensor],
+    *,
+    arch: str,
+    view: Any,
+    face_box: dict[str, Any],
+    normalize: dict[str, list[float]],
+    mean_shape: Tensor,
+    data: dict[str, Any],
+    epoch: int,
+    params: dict[str, Any],
+) -> None:
+    """Write model.pt: the weights and everything inference needs to reproduce crop and normalisation.
+
+    `view`: crop_size, context (the stored crop), input_size (the network input); `face_box`: bbox
+    rule and padding (the face box side x padding is what the network sees); `normalize`: RGB mean and
+    std in 0-255 units; `data`: source, archive SHA-256s and crop parameters of the training data.
+    """
+    state = {
+        "format_version": MODEL_FORMAT_VERSION,
+        "model": dict(weights),
+        "arch": arch,
+        "view": {key: getattr(view, key) for key in VIEW_KEYS},
+        "face_box": face_box,
+        "normalize": normalize,
+        "landmarks": LANDMARKS,
+        "mean_shape": mean_shape,
+        "data": data,
+        "epoch": epoch,
+        "params": params,
+    }
+    with atomic_path(path) as temp:
+        torch.save(state, temp)
 
 
 def load_trained(path: Path, device: torch.device | str = "cpu") -> tuple[DeepPose, dict]:
     """The model `wflw train` saved (data/model/model.pt), in eval mode on `device`, and its info.
 
-    The file is a dict: `model` (state_dict), `arch`, `view` {crop_size, context, input_size},
-    `mean_shape`, `epoch`, `params` (the resolved params of the run). The info returned is that
-    dict without `model`. It is read with `weights_only=True` (no code runs from the file).
+    The file is what `save_trained` writes; the info returned is that dict without `model`. It is read
+    with `weights_only=True` (no code runs from the file).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: trained model not found (run `wflw train` first)")
     state = _load_mapping(path, "a trained model", CheckpointError)
-    if any(key not in state for key in TRAINED_KEYS):
+    missing = [key for key in TRAINED_KEYS if key not in state]
+    if missing:
         raise CheckpointError(
-            f"{path}: not a model written by `wflw train` (needs {TRAINED_KEYS}, has {sorted(state)})"
+            f"{path}: not a model written by this version of `wflw train` (lacks {missing})"
+        )
+    if state["format_version"] != MODEL_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: model format {state['format_version']!r}, this version reads {MODEL_FORMAT_VERSION}"
         )
     view = state["view"]
     if not isinstance(view, Mapping) or any(key not in view for key in VIEW_KEYS):

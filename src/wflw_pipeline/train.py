@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -12,22 +11,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import augment, fileio
-from .convert import read_metadata
+from . import augment, codebase, fileio
+from .contract import data_identity
 from .dataset import FaceSet, load_faces
-from .engine import NonFiniteLossError, Precision, View, epoch_generators, predict, train_one_epoch
+from .engine import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EpochResult,
+    NonFiniteLossError,
+    View,
+    epoch_generators,
+    predict,
+    train_one_epoch,
+)
 from .errors import PipelineError
 from .fileio import atomic_path
-from .losses import build_loss
-from .metrics import nme_per_face
-from .model import build_model
-from .params import LossParams, Params, TrainParams
+from .geometry import input_to_crop
+from .losses import loss_from_params
+from .metrics import mean_shape_nme, nme_per_face
+from .model import build_model, save_trained
+from .params import Params, TrainParams
+from .runtime import Distributed, Precision, configure_backends, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -64,51 +73,6 @@ class Outputs:
         return self.train_dir / "metrics.json"
 
 
-@dataclass(frozen=True)
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        return cls(
-            int(os.environ.get("RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)),
-        )
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an unavailable explicit choice is an error."""
-    available = {
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if name == "auto":
-        name = next(kind for kind, ok in available.items() if ok)
-    if not available[name]:
-        raise TrainError(f"{key}: {name} is not available on this machine (use auto or cpu)")
-    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
-
-
-def resolve_precision(precision: str, channels_last: bool, device: torch.device) -> Precision:
-    """`auto`: bf16 autocast on CUDA, fp32 elsewhere; or the precision asked for."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return Precision(torch.bfloat16 if use_bf16 else None, channels_last)
-
-
 def lr_factor(config: TrainParams, iters_per_epoch: int) -> Callable[[int], float]:
     """LR multiplier per iteration: linear warm-up from warmup_ratio, then step decay or cosine."""
     total = config.epochs * iters_per_epoch
@@ -131,26 +95,6 @@ def build_optimizer(model: nn.Module, config: TrainParams, device: torch.device)
     return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
-def configure_backends(device: torch.device) -> None:
-    """Let cuDNN pick the fastest convolution algorithms for our fixed input shapes (CUDA only)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
-def build_loss_from(config: LossParams, input_size: int) -> nn.Module:
-    """The configured loss module, in the configured units."""
-    options: dict[str, Any] = {"units": config.units, "input_size": input_size}
-    if config.name == "wing":
-        options.update(omega=config.wing.omega, epsilon=config.wing.epsilon)
-    elif config.name == "softwing":
-        options.update(
-            omega1=config.softwing.omega1, omega2=config.softwing.omega2, epsilon=config.softwing.epsilon
-        )
-    elif config.name == "smoothl1":
-        options.update(beta=config.smoothl1_beta)
-    return build_loss(config.name, **options)
-
-
 def mean_shape(faces: FaceSet, view: View) -> torch.Tensor:
     """Mean landmarks of the un-augmented view, normalised to the network input (98, 2)."""
     identity = augment.identity_params(len(faces), faces.landmarks.device)
@@ -166,12 +110,9 @@ def val_nme(model: nn.Module, faces: FaceSet, view: View, batch_size: int, preci
 
 
 def baseline_nme(shape: torch.Tensor, faces: FaceSet, view: View) -> float:
-    """NME (%) of always predicting `shape`, the mean training shape."""
-    identity = augment.identity_params(1, "cpu")
-    matrix = augment.view_matrices(identity, view.crop_size, view.context, view.input_size)[0].double()
-    points = (shape.double() * view.input_size) @ matrix[:, :2].T + matrix[:, 2]
-    pred = np.broadcast_to(points.numpy(), (len(faces), *points.shape))
-    return 100.0 * float(nme_per_face(pred, faces.landmarks.cpu().numpy()).mean())
+    """NME (%) on `faces` of always predicting `shape`, the mean training shape (normalised units)."""
+    crop_shape = input_to_crop(shape.numpy(), view.crop_size, view.context)
+    return 100.0 * float(mean_shape_nme(crop_shape, faces.landmarks.cpu().numpy()).mean())
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -190,22 +131,64 @@ def _csv_value(value: Any) -> str:
     return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
 
 
-def _resume_key(params: Params, data: dict[str, Any]) -> dict[str, Any]:
-    """What must be equal for a checkpoint to be continued: the params train reads and the data."""
+def resume_key(params: Params, data: dict[str, Any]) -> dict[str, Any]:
+    """What must be equal for a checkpoint to be continued: the params train reads, the data, the code."""
     full = params.to_dict()
-    return {**{section: full[section] for section in RESUME_SECTIONS}, "data": data}
+    return {
+        **{section: full[section] for section in RESUME_SECTIONS},
+        "data": data,
+        "code": codebase.digest(codebase.stage_sources("train")),
+    }
 
 
-def load_checkpoint(path: Path, key: dict[str, Any], mode: str) -> dict[str, Any] | None:
-    """The checkpoint to continue from (`train.resume: auto`), or None to start afresh."""
-    if mode == "never" or not path.is_file():
+def load_checkpoint(
+    path: Path, key: dict[str, Any], config: TrainParams, world_size: int
+) -> dict[str, Any] | None:
+    """The checkpoint to continue (`train.resume: auto`), or None to start afresh.
+
+    Never continued: a finished run, or one written with other params, data or code. A run of another
+    number of processes is refused: its schedule counted iterations of another global batch.
+    """
+    if config.resume == "never" or not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("resume_key") != key:
-        logger.warning("%s was written with other params or data: starting afresh", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a damaged file
+        logger.warning("%s cannot be read (%s): starting afresh", path, err)
         return None
+    if not isinstance(state, dict) or state.get("resume_key") != key:
+        logger.warning("%s was written with other params, data or code: starting afresh", path)
+        return None
+    if state["epoch"] >= config.epochs:
+        logger.info(
+            "%s is a finished run (epoch %d of %d): starting afresh", path, state["epoch"], config.epochs
+        )
+        return None
+    if state["world_size"] != world_size:
+        raise TrainError(
+            f"{path} was written by {state['world_size']} process(es) (global batch "
+            f"{state['world_size'] * config.batch_size}), this run has {world_size} (global batch "
+            f"{world_size * config.batch_size}): the learning-rate schedule counts iterations, so resume "
+            f"with {state['world_size']} process(es), or start afresh with train.resume=never"
+        )
     logger.info("resuming from %s after epoch %d", path, state["epoch"])
     return state
+
+
+def agreed_checkpoint(
+    path: Path, key: dict[str, Any], config: TrainParams, world: Distributed
+) -> dict[str, Any] | None:
+    """Rank 0 decides whether and what to resume (its file, its error) and every rank follows."""
+    decision: tuple[str, Any] | None = None
+    if world.main:
+        try:
+            decision = ("state", load_checkpoint(path, key, config, world.world_size))
+        except TrainError as err:
+            decision = ("error", str(err))
+    kind, value = world.broadcast(decision)  # type: ignore[misc]
+    if kind == "error":
+        raise TrainError(value)
+    return value
 
 
 class _Run:
@@ -214,6 +197,7 @@ class _Run:
     def __init__(self, params: Params, train: FaceSet, device: torch.device, world: Distributed) -> None:
         config = params.train
         self.params = params
+        self.world_size = world.world_size
         self.view = View(train.crop_size, train.context, params.model.input_size)
         self.mean_shape = mean_shape(train, self.view)
         self.model = build_model(params.model.arch, params.model.pretrained, self.mean_shape).to(device)
@@ -233,6 +217,7 @@ class _Run:
         return {
             "format_version": FORMAT_VERSION,
             "epoch": self.epoch,
+            "world_size": self.world_size,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -250,11 +235,11 @@ class _Run:
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
         self.mean_shape = state["mean_shape"]
 
-    def record(self, result, nme: float | None, world: Distributed) -> dict[str, Any]:
+    def record(self, result: EpochResult, nme: float | None) -> dict[str, Any]:
         """Append one epoch to the history; keep its weights if it is the best on val so far."""
         row = {
             "epoch": self.epoch,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": result.lr,
             "train_loss": result.loss,
             "val_nme": nme,
             "seconds": result.seconds,
@@ -276,16 +261,15 @@ class _Run:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
-def _data_identity(path: Path) -> dict[str, Any]:
-    meta = read_metadata(path)
-    return {"archives": meta.get("archives"), "crop": meta.get("crop")}
+EpochCallback = Callable[[dict[str, Any]], None]
+"""Called on rank 0 with each epoch's history row once it is written (e.g. live curves in tracking)."""
 
 
 def run_train(
     params: Params,
     parquet_dir: Path,
     outputs: Outputs,
-    after_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_epoch_end: EpochCallback | None = None,
 ) -> dict[str, Any]:
     """Stage train: fit DeepPose on train.parquet, select on val.parquet, write model and history."""
     config = params.train
@@ -299,7 +283,7 @@ def run_train(
     if world.world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(params, parquet_dir, outputs, device, world, after_step)
+        return _train(params, parquet_dir, outputs, device, world, on_epoch_end)
     finally:
         if world.world_size > 1:
             dist.destroy_process_group()
@@ -311,7 +295,7 @@ def _train(
     outputs: Outputs,
     device: torch.device,
     world: Distributed,
-    after_step: Callable[[torch.Tensor], torch.Tensor] | None,
+    on_epoch_end: EpochCallback | None,
 ) -> dict[str, Any]:
     config = params.train
     torch.manual_seed(config.seed)
@@ -320,15 +304,16 @@ def _train(
     if len(train) == 0:
         raise TrainError(f"{parquet_dir / 'train.parquet'}: no training faces")
     run = _Run(params, train, device, world)
-    key = _resume_key(params, _data_identity(parquet_dir / "train.parquet"))
-    state = load_checkpoint(outputs.checkpoint, key, config.resume)
+    data = data_identity(parquet_dir / "train.parquet")
+    key = resume_key(params, data)
+    state = agreed_checkpoint(outputs.checkpoint, key, config, world)
     if state is not None:
         run.restore(state)
     module = run.model
     model: nn.Module = DistributedDataParallel(module) if world.world_size > 1 else module
     if config.compile:
         model = torch.compile(model)
-    loss_fn = build_loss_from(params.loss, params.model.input_size)
+    loss_fn = loss_from_params(params.loss, params.model.input_size)
     logger.info(
         "training %s on %s (%d train, %d val faces, %d process(es), %s)",
         params.model.arch,
@@ -336,7 +321,7 @@ def _train(
         len(train),
         len(val),
         world.world_size,
-        "bf16" if run.precision.dtype is not None else "fp32",
+        run.precision.name,
     )
     saved_epoch = run.epoch if state is not None else None
     last_save = time.monotonic()
@@ -358,23 +343,24 @@ def _train(
                 rank=world.rank,
                 world_size=world.world_size,
                 progress=world.main,
-                after_step=after_step,
             )
         except NonFiniteLossError as err:
             kept = f"; {outputs.checkpoint} (epoch {saved_epoch}) is kept" if saved_epoch else ""
             raise TrainError(f"epoch {run.epoch + 1}: {err}{kept}") from None
         run.epoch += 1
         nme = val_nme(module, val, run.view, config.batch_size, run.precision) if len(val) else None
-        row = run.record(result, nme, world)
+        row = run.record(result, nme)
         if world.main:
             _log_epoch(row, config.epochs)
             due = time.monotonic() - last_save >= config.checkpoint_interval_s
-            if due or run.epoch in (1, config.epochs):
+            if due or run.epoch == 1 or run.epoch == config.epochs:
                 _save_atomic(run.state(key), outputs.checkpoint)
                 saved_epoch, last_save = run.epoch, time.monotonic()
             write_history(run.history, outputs.history)
+            if on_epoch_end is not None:
+                on_epoch_end(dict(row))
         world.barrier()
-    metrics = _finish(run, val, outputs, world)
+    metrics = _finish(run, val, data, outputs, world)
     world.barrier()
     return metrics
 
@@ -393,7 +379,9 @@ def _log_epoch(row: dict[str, Any], epochs: int) -> None:
     )
 
 
-def _finish(run: _Run, val: FaceSet, outputs: Outputs, world: Distributed) -> dict[str, Any]:
+def _finish(
+    run: _Run, val: FaceSet, data: dict[str, Any], outputs: Outputs, world: Distributed
+) -> dict[str, Any]:
     """Write the selected model and the run's metrics (rank 0 only); return the metrics."""
     epoch, weights = run.selected_weights()
     history = run.history
@@ -410,20 +398,19 @@ def _finish(run: _Run, val: FaceSet, outputs: Outputs, world: Distributed) -> di
         "world_size": world.world_size,
     }
     if world.main:
-        model = {
-            "format_version": FORMAT_VERSION,
-            "model": weights,
-            "arch": run.params.model.arch,
-            "view": {
-                "crop_size": run.view.crop_size,
-                "context": run.view.context,
-                "input_size": run.view.input_size,
-            },
-            "mean_shape": run.mean_shape,
-            "epoch": epoch,
-            "params": run.params.to_dict(),
-        }
-        _save_atomic(model, outputs.model)
+        config = run.params
+        save_trained(
+            outputs.model,
+            weights,
+            arch=config.model.arch,
+            view=run.view,
+            face_box={"bbox": data["crop"]["bbox"], "padding": data["crop"]["padding"]},
+            normalize={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            mean_shape=run.mean_shape,
+            data=data,
+            epoch=epoch,
+            params=config.to_dict(),
+        )
         fileio.write_json(outputs.metrics, metrics)
         logger.info("wrote %s (epoch %d, selected by %s)", outputs.model, epoch, metrics["selected_by"])
     return metrics

@@ -1,0 +1,95 @@
+"""Where and how the core runs: device, precision, backends and this process's place in a DDP job."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import PipelineError
+
+
+class RuntimeSetupError(PipelineError):
+    """A device or precision that this machine cannot provide (names the param key)."""
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast dtype (None = fp32) and memory format of one run."""
+
+    dtype: torch.dtype | None
+    channels_last: bool
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    @property
+    def name(self) -> str:
+        return "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.").replace("float", "f")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        return cls(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's `value` on every rank (the value itself without DDP)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an unavailable explicit choice is an error."""
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if name == "auto":
+        name = next(kind for kind, ok in available.items() if ok)
+    if not available[name]:
+        raise RuntimeSetupError(f"{key}: {name} is not available on this machine (use auto or cpu)")
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
+def resolve_precision(precision: str, channels_last: bool, device: torch.device) -> Precision:
+    """`auto`: bf16 autocast on CUDA, fp32 elsewhere; or the precision asked for."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return Precision(torch.bfloat16 if use_bf16 else None, channels_last)
+
+
+def configure_backends(device: torch.device) -> None:
+    """Let cuDNN pick the fastest convolution algorithms for our fixed input shapes (CUDA only)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True

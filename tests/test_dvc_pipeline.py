@@ -1,5 +1,6 @@
 """`dvc repro` of the real dvc.yaml in a temporary copy of the repository (slow: real DVC)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -35,7 +36,13 @@ def _repo_copy(dest: Path) -> Path:
 
 
 def _dvc(repo: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    """Run DVC in `repo`; its stages run the copy's own code (src/ first on PYTHONPATH)."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo / "src"),
+        "DVC_NO_ANALYTICS": "1",
+    }
     done = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
@@ -88,3 +95,18 @@ def test_dvc_repro_runs_every_stage_then_is_up_to_date(tmp_path):
     changed = _dvc(repo, "repro")
     assert "Running stage 'convert'" in changed and "Running stage 'fetch'" not in changed
     assert "Running stage 'train'" in changed
+
+    model_md5 = lambda: _md5(repo / "data/model/model.pt")  # noqa: E731
+    before = model_md5()
+    with (repo / "src/wflw_pipeline/losses.py").open("a") as module:
+        module.write("# an edit to code only train imports\n")
+    edited = _dvc(repo, "repro")
+    ran = sorted(line.split("'")[1] for line in edited.splitlines() if line.startswith("Running stage"))
+    assert ran == ["train"], edited  # retrained (not "resumed" from the finished checkpoint) ...
+    assert (repo / "data/train/history.csv").read_text().count("\n") == 1 + 1
+    assert model_md5() == before  # ... to the same bytes, so evaluate, which does not import it, is skipped
+    assert "didn't change" in _dvc(repo, "repro")
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()

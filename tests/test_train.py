@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import sys
 from dataclasses import replace
@@ -294,3 +295,79 @@ def test_a_checkpoint_interval_saves_the_first_and_last_epochs_only(tmp_path, pa
     metrics = train.run_train(params, parquet_dir, out)
     assert metrics["epochs"] == 3
     assert torch.load(out.checkpoint, weights_only=True)["epoch"] == 3
+
+
+def test_a_finished_checkpoint_is_never_resumed(tmp_path, parquet_dir, caplog):
+    caplog.set_level(logging.INFO, logger="wflw_pipeline")
+    out = _outputs(tmp_path)
+    first = train.run_train(_params(epochs=1), parquet_dir, out)
+    out.history.unlink()  # as `dvc repro` removes a stage's outputs before it runs the stage again
+    out.model.unlink()
+    again = train.run_train(_params(epochs=1), parquet_dir, out)
+    assert "is a finished run (epoch 1 of 1): starting afresh" in caplog.text
+    assert len(out.history.read_text().splitlines()) == 1 + 1
+    assert out.model.is_file()
+    assert again["train_loss"] == pytest.approx(first["train_loss"], rel=1e-5)  # trained again, the same
+
+
+def test_a_checkpoint_written_by_other_code_is_not_resumed(tmp_path, parquet_dir, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="wflw_pipeline")
+    out = _outputs(tmp_path)
+
+    def killed(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(_params(epochs=2), parquet_dir, out, on_epoch_end=killed)
+    assert torch.load(out.checkpoint, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(train.codebase, "digest", lambda paths: "edited code")
+    metrics = train.run_train(_params(epochs=2), parquet_dir, out)
+    assert "written with other params, data or code: starting afresh" in caplog.text
+    assert "resuming" not in caplog.text
+    assert [row.split(",")[0] for row in out.history.read_text().splitlines()[1:]] == ["1", "2"]
+    assert metrics["epochs"] == 2
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path, parquet_dir):
+    out = _outputs(tmp_path)
+
+    def killed(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(_params(epochs=2), parquet_dir, out, on_epoch_end=killed)
+    state = torch.load(out.checkpoint, weights_only=True)
+    torch.save({**state, "world_size": 2}, out.checkpoint)
+    with pytest.raises(
+        train.TrainError,
+        match=r"written by 2 process\(es\) \(global batch 8\), this run has 1 \(global batch 4\).*"
+        r"train.resume=never",
+    ):
+        train.run_train(_params(epochs=2), parquet_dir, out)
+
+
+def test_history_lr_is_the_rate_each_epoch_trained_with(tmp_path, parquet_dir):
+    # 8 train faces, batch 4: 2 steps per epoch; no warm-up; x0.1 from epoch 2 (milestone 1).
+    rows = []
+    out = _outputs(tmp_path)
+    params = _params(epochs=2, lr=1e-3, warmup_iters=0, milestones=(1,), gamma=0.1)
+    train.run_train(params, parquet_dir, out, on_epoch_end=rows.append)
+    history = [line.split(",") for line in out.history.read_text().splitlines()[1:]]
+    assert [float(row[1]) for row in history] == pytest.approx([1e-3, 1e-4])
+    assert [row["lr"] for row in rows] == pytest.approx([1e-3, 1e-4])
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert [f"{row['train_loss']:.6g}" for row in rows] == [row[2] for row in history]
+
+
+def test_the_head_runs_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none").eval()
+    torch.nn.init.normal_(model.head.weight, std=0.05)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.backbone(x)
+        out = model(x)
+    assert features.dtype == torch.bfloat16  # the backbone does run in bf16
+    assert out.dtype == torch.float32
+    exact = (features.float() @ model.head.weight.T + model.head.bias).view(-1, 98, 2)
+    assert torch.equal(out, exact)  # bf16 output would differ: its steps are 2^-8 in [0.5, 1)

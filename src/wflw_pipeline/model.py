@@ -186,8 +186,17 @@ def save_trained(
         "epoch": epoch,
         "params": params,
     }
-    with atomic_path(path) as temp:
-        torch.save(state, temp)
+    save_atomic(state, path)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save `obj` to `path` atomically, byte-for-byte the same for the same `obj`.
+
+    Saved through a file object: torch.save to a path names the zip's inner folder after the file, here
+    a random temporary name, so equal weights would give different bytes (and DVC would see a change).
+    """
+    with atomic_path(path) as temp, open(temp, "wb") as file:
+        torch.save(obj, file)
 
 
 def load_trained(path: Path, device: torch.device | str = "cpu") -> tuple[DeepPose, dict]:

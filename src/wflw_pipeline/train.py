@@ -30,11 +30,10 @@ from .engine import (
     train_one_epoch,
 )
 from .errors import PipelineError
-from .fileio import atomic_path
 from .geometry import input_to_crop
 from .losses import loss_from_params
 from .metrics import mean_shape_nme, nme_per_face
-from .model import build_model, save_trained
+from .model import build_model, save_atomic, save_trained
 from .params import Params, TrainParams
 from .runtime import Distributed, Precision, configure_backends, resolve_device, resolve_precision
 
@@ -113,11 +112,6 @@ def baseline_nme(shape: torch.Tensor, faces: FaceSet, view: View) -> float:
     """NME (%) on `faces` of always predicting `shape`, the mean training shape (normalised units)."""
     crop_shape = input_to_crop(shape.numpy(), view.crop_size, view.context)
     return 100.0 * float(mean_shape_nme(crop_shape, faces.landmarks.cpu().numpy()).mean())
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    with atomic_path(path) as temp:
-        torch.save(obj, temp)
 
 
 def write_history(rows: list[dict[str, Any]], path: Path) -> None:
@@ -354,7 +348,7 @@ def _train(
             _log_epoch(row, config.epochs)
             due = time.monotonic() - last_save >= config.checkpoint_interval_s
             if due or run.epoch == 1 or run.epoch == config.epochs:
-                _save_atomic(run.state(key), outputs.checkpoint)
+                save_atomic(run.state(key), outputs.checkpoint)
                 saved_epoch, last_save = run.epoch, time.monotonic()
             write_history(run.history, outputs.history)
             if on_epoch_end is not None:

@@ -31,10 +31,11 @@ def ring_landmarks(cx: float, cy: float, radius: float) -> np.ndarray:
 
 
 def jpeg(width: int, height: int, squares: list[tuple[float, float]] = (), side: int = 6) -> bytes:
-    """A dark JPEG with white squares centred on the given points."""
+    """A dark JPEG with white squares centred on the given points in WFLW's convention (pixel centres at
+    integers: a square's continuous centre is its point + 0.5; exact for an odd `side` and integer points)."""
     pixels = np.full((height, width, 3), 40, np.uint8)
     for x, y in squares:
-        x0, y0 = math.floor(x - side / 2 + 0.5), math.floor(y - side / 2 + 0.5)
+        x0, y0 = math.floor(x + 1 - side / 2), math.floor(y + 1 - side / 2)
         pixels[max(y0, 0) : y0 + side, max(x0, 0) : x0 + side] = 255
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)

@@ -86,8 +86,8 @@ def test_archives_follow_wflw_format(small_dataset):
             image = Image.open(io.BytesIO(images[f"{wflw.IMAGES_ROOT}/{annotation.image_path}"]))
             assert image.format == "JPEG"
             assert all(SMALL.min_image_size <= side <= SMALL.max_image_size for side in image.size)
-            points = annotation.landmarks
-            assert (points >= 0).all() and (points <= image.size).all()
+            points = annotation.landmarks  # WFLW's convention: the image spans [-0.5, size - 0.5]
+            assert (points >= -0.5).all() and (points <= np.array(image.size) - 0.5).all()
             x0, y0, x1, y1 = annotation.rect
             assert 0 <= x0 < x1 < image.width and 0 <= y0 < y1 < image.height
             event, name = annotation.image_path.split("/")
@@ -215,9 +215,55 @@ def test_landmarks_sit_on_the_drawn_features():
     for seed in range(6):
         points, image = _render_face_landmarks(_job("000000", seed, size=600))
         lum = _luminance(image)
-        x, y = np.floor(points).astype(int).T
+        x, y = np.round(points).astype(int).T  # WFLW's convention: pixel (row y, column x) centred on (x, y)
         for pupil in (96, 97):
             assert lum[y[pupil], x[pupil]] < lum[y[52], x[52]] - 15  # the dark pupil vs the skin of the nose
+
+
+def _pupil_centre(lum: np.ndarray, point: np.ndarray) -> np.ndarray | None:
+    """Centre of the dark disc around `point` in pixel indices (pixel (row y, column x) centred on
+    (x, y)), darkness-weighted; None when something else dark (the lid's liner) touches it."""
+    cx, cy = np.round(point).astype(int)
+    ys, xs = np.mgrid[cy - 16 : cy + 17, cx - 16 : cx + 17]
+    window = lum[cy - 16 : cy + 17, cx - 16 : cx + 17]
+    distance = np.hypot(xs - point[0], ys - point[1])
+    dark = window < 0.5 * np.median(window[distance < 14])
+    for radius in range(3, 14):
+        rim = (distance >= radius) & (distance < radius + 1.5)
+        if not dark[rim].any():
+            inside = distance < radius
+            low, high = window[inside].min(), window[rim].min()
+            weight = np.clip((high - window) / (high - low), 0, 1) * inside
+            return np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
+    return None
+
+
+def test_written_landmarks_follow_wflw_pixel_convention_on_the_drawn_pupils(monkeypatch):
+    """The pupil (a dark disc centred on points 96 and 97) is found where the annotation line says, with
+    pixel centres at integers as in WFLW; the iris and sclera are made light so that the pupil stands out."""
+    sample_face = synthetic.sample_face
+
+    def light_eyes(job: synthetic.ImageJob, index: int) -> synthetic.Face:
+        face = sample_face(job, index)
+        light = dataclasses.replace(face.look, iris=(235, 235, 235), sclera=(235, 235, 235))
+        return dataclasses.replace(face, look=light)
+
+    monkeypatch.setattr(synthetic, "sample_face", light_eyes)
+    offsets = []
+    for seed in range(24):
+        image, (annotation,) = synthetic.render_image(_job("000000", seed, size=900))
+        annotation = wflw.parse_line(wflw.format_line(annotation))  # as written (render_job's line)
+        for pupil in (96, 97):
+            centre = _pupil_centre(_luminance(image), annotation.landmarks[pupil])
+            if centre is not None:
+                offsets.append(centre - annotation.landmarks[pupil])
+    offsets = np.array(offsets)
+    assert len(offsets) >= 16
+    # each pupil within half a pixel (Pillow draws its 10-gon's corners on whole pixels), and exact on
+    # average: a drawing or writing convention half a pixel off moves the mean by 0.5 on both axes (the
+    # renderer once drew half a pixel up-left of its points and wrote them unconverted: a whole pixel)
+    assert np.abs(offsets).max() < 0.5, offsets
+    assert np.abs(offsets.mean(axis=0)).max() < 0.1, offsets.mean(axis=0)
 
 
 def test_annotations_archive_takes_any_lines_and_lists_the_parsable_test_faces(tmp_path):

@@ -168,13 +168,18 @@ class BenchData:
     parquet: Path
 
     def records(self) -> tuple[list[Path], np.ndarray]:
-        """Image file and image-pixel landmarks (N, 98, 2) of every face, in the order of the Parquet rows."""
+        """Image file and image-pixel landmarks (N, 98, 2) of every face, in the order of the Parquet rows.
+
+        The landmarks are continuous (pixel i covers [i, i + 1), as the baseline's PIL warp reads them):
+        `landmarks_image` holds them as annotated, with pixel centres at integers.
+        """
         import pyarrow.parquet as pq
 
         table = pq.read_table(self.parquet, columns=["image_path", "landmarks_image"])
         paths = [self.images_dir / p for p in table.column("image_path").to_pylist()]
         points = table.column("landmarks_image").combine_chunks().flatten().to_numpy()
-        return paths, points.astype(np.float64).reshape(len(paths), wflw.NUM_POINTS, 2)
+        points = wflw.to_continuous(points.astype(np.float64))
+        return paths, points.reshape(len(paths), wflw.NUM_POINTS, 2)
 
 
 def prepare_data(

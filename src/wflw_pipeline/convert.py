@@ -1,4 +1,14 @@
-"""Stage convert: WFLW archives -> Parquet face crops (the data contract in DESIGN.md)."""
+"""Stage convert: WFLW archives -> Parquet face crops (the data contract in DESIGN.md).
+
+Pixel convention (see `wflw`): annotations put pixel centres at integers, the pipeline is continuous
+(pixel i covers [i, i + 1)). Each face's landmarks and detection rectangle are converted to continuous
+coordinates once, right after parsing (`continuous_geometry`); the face box, the crop affine, the crop
+itself and the crop-pixel `landmarks` are all computed in continuous coordinates. Two columns speak
+WFLW's convention again: `landmarks_image` holds the points exactly as annotated, and `crop_to_image`
+maps crop pixels (continuous) to image pixels as annotated (the continuous affine composed with
+`wflw.to_annotation`), so `crop_to_image(landmarks) == landmarks_image` and a prediction mapped through
+`crop_to_image` is directly comparable with `landmarks_image`.
+"""
 
 from __future__ import annotations
 
@@ -107,23 +117,37 @@ class _StreamedArchive:
         self.sha256 = reader.sha256.hexdigest()
 
 
+def continuous_geometry(annotation: wflw.Annotation) -> tuple[np.ndarray, np.ndarray]:
+    """The face's landmarks (98, 2) and detection rectangle (4,) in continuous image coordinates."""
+    return wflw.to_continuous(annotation.landmarks), wflw.to_continuous(annotation.rect)
+
+
 def crop_transform(annotation: wflw.Annotation, spec: CropSpec) -> np.ndarray:
-    """2x3 affine mapping crop pixels to original image pixels (continuous coordinates)."""
-    box = geometry.face_box(annotation.landmarks, np.asarray(annotation.rect), spec.bbox)
+    """2x3 affine mapping crop pixels to original image pixels, both continuous (what the warp uses)."""
+    landmarks, rect = continuous_geometry(annotation)
+    box = geometry.face_box(landmarks, rect, spec.bbox)
     return geometry.crop_matrix(box, spec.padding, spec.context, spec.crop_size)
+
+
+def stored_crop_to_image(matrix: np.ndarray) -> np.ndarray:
+    """The Parquet `crop_to_image`: the continuous crop affine, its output in WFLW's annotation convention."""
+    stored = np.array(matrix, np.float64)
+    stored[:, 2] = wflw.to_annotation(stored[:, 2])
+    return stored
 
 
 def _check_geometry(annotation: wflw.Annotation, spec: CropSpec, width: int, height: int) -> str | None:
     """Why this face cannot be cropped, or None."""
-    side = geometry.face_box(annotation.landmarks, np.asarray(annotation.rect), spec.bbox)[2]
+    landmarks, rect = continuous_geometry(annotation)
+    side = geometry.face_box(landmarks, rect, spec.bbox)[2]
     if side <= 1.0:
         return f"degenerate face box ({spec.bbox}) of side {side:.2f} px"
-    margin = spec.max_outside * geometry.face_box(annotation.landmarks, (), "landmarks")[2]
-    pts = annotation.landmarks
-    outside = (pts[:, 0] < -margin) | (pts[:, 0] > width + margin)
-    outside |= (pts[:, 1] < -margin) | (pts[:, 1] > height + margin)
+    margin = spec.max_outside * geometry.face_box(landmarks, (), "landmarks")[2]
+    outside = (landmarks[:, 0] < -margin) | (landmarks[:, 0] > width + margin)
+    outside |= (landmarks[:, 1] < -margin) | (landmarks[:, 1] > height + margin)
     if outside.any():
         i = int(np.argmax(outside))
+        pts = annotation.landmarks
         return (
             f"landmark {i} at ({pts[i, 0]:.1f}, {pts[i, 1]:.1f}) lies far outside the "
             f"{width}x{height} image (tolerance convert.max_outside={spec.max_outside} x face size)"
@@ -180,9 +204,10 @@ def process_image(data: bytes, faces: list[Face], spec: CropSpec) -> tuple[list[
 
 
 def _row(face: Face, width: int, height: int, matrix: np.ndarray, jpeg: bytes) -> dict:
+    """One Parquet row; `matrix` is the continuous crop -> image affine the crop was warped with."""
     ann = face.annotation
     scale, origin = matrix[0, 0], matrix[:, 2]
-    crop_points = (ann.landmarks - origin) / scale
+    crop_points = (continuous_geometry(ann)[0] - origin) / scale
     row = {
         "face_id": face.face_id,
         "split": face.split,
@@ -190,7 +215,7 @@ def _row(face: Face, width: int, height: int, matrix: np.ndarray, jpeg: bytes) -
         "image_width": width,
         "image_height": height,
         "crop_jpeg": jpeg,
-        "crop_to_image": matrix.reshape(-1).astype(np.float32),
+        "crop_to_image": stored_crop_to_image(matrix).reshape(-1).astype(np.float32),
         "landmarks": crop_points.reshape(-1).astype(np.float32),
         "landmarks_image": ann.landmarks.reshape(-1).astype(np.float32),
         "rect": np.asarray(ann.rect, dtype=np.int32),

@@ -8,13 +8,16 @@ crops were made with (`convert.bbox`: `landmarks`, the reference protocol, or `r
 detection rectangle) is read from the Parquet metadata and stated in results.md.
 
 Flip test (`evaluate.flip_test`, the reference's test setting): the prediction is averaged with the
-prediction for the mirrored view, mirrored back and with its points re-labelled by `wflw.FLIP`. This
-project uses continuous pixel coordinates, pixel i covering [i, i + 1), so an input of side n spans
-[0, n] and the exact mirror is x -> n - x, i.e. x' = 1 - x in normalised units. MMPose puts pixel
-centres at integers (an input spans [-0.5, n - 0.5]) and mirrors x -> n - 1 - x, which normalised by n
-is its x' = 1 - x - 1/n (1/256 at 256 px): the same geometric mirror written in the other convention,
-so no extra shift is applied here. `engine.predict` does the mirroring through the view's affine, so it
-is exact at any input size.
+prediction for the mirrored view, mirrored back and with its points re-labelled by `wflw.FLIP`. Pixel
+convention: WFLW's annotations, like MMPose, put pixel centres at integers; convert turns them into
+continuous coordinates once (pixel i covers [i, i + 1), `wflw.to_continuous`), and everything inside,
+the crops, the network input and this flip, is continuous. So an input of side n spans [0, n] and the
+exact mirror is x -> n - x, i.e. x' = 1 - x in normalised units. In the annotation convention (an input
+spans [-0.5, n - 0.5]) the same mirror is MMPose's x -> n - 1 - x, which normalised by n is its
+x' = 1 - x - 1/n (1/256 at 256 px): one geometric mirror written in two conventions, so no extra shift
+is applied here. `engine.predict` does the mirroring through the view's affine, so it is exact at any
+input size. Predictions leave the pipeline through the Parquet `crop_to_image`, which maps crop pixels
+to image pixels in the annotation convention, so they are compared with `landmarks_image` as annotated.
 
 Outputs (all written to temporary files, then renamed): metrics.json (DVC metrics), per_face.parquet,
 ced.csv (a DVC plot), results.md, ced.png, nme_subsets.png, best_worst.png.

@@ -2,7 +2,10 @@
 inference share.
 
 Coordinates are continuous everywhere inside the pipeline: pixel i covers [i, i + 1), so an image of
-side n spans [0, n] (WFLW's annotation convention is converted at the boundary, in `wflw`).
+side n spans [0, n] and mirrors as x -> n - x. WFLW's annotations put pixel centres at integers (as
+MMPose does); convert turns them into continuous coordinates once (`wflw.to_continuous`) before any
+box or affine here is computed, and the Parquet `crop_to_image` maps crop pixels back to image pixels
+in the annotation convention (see convert).
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ def crop_matrix(
 
 
 def crop_to_image(points: np.ndarray, matrices: np.ndarray) -> np.ndarray:
-    """Map crop-pixel points (N, P, 2) through each face's 2x3 crop->image affine (N, 2, 3)."""
+    """Map crop-pixel points (N, P, 2) through each face's 2x3 crop->image affine (N, 2, 3).
+
+    With the Parquet `crop_to_image`, the result is in image pixels as annotated (WFLW's convention),
+    comparable with `landmarks_image`.
+    """
     points, matrices = np.asarray(points, np.float64), np.asarray(matrices, np.float64)
     return np.einsum("nij,npj->npi", matrices[:, :, :2], points) + matrices[:, None, :, 2]
 

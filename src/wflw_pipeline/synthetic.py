@@ -3,9 +3,15 @@
 A face is a 3D mean-face model (identity jitter, head pose, expression) projected
 orthographically. The contour is the silhouette of the face's front half, so it stays on the
 drawn edge under yaw. Each face is drawn on its own patch (small faces at 2x, then box-filtered
-down), so the landmarks (continuous pixels: pixel i covers [i, i + 1)) lie on the drawn
-features. The six flags are drawn independently per face with WFLW's test-split proportions;
-an effect is applied exactly when its flag is set, sized relative to the face.
+down), so the landmarks lie on the drawn features. The six flags are drawn independently per face
+with WFLW's test-split proportions; an effect is applied exactly when its flag is set, sized
+relative to the face.
+
+Pixel convention: faces are built and drawn in continuous pixels (pixel i covers [i, i + 1)), and
+the annotation lines are written in WFLW's convention (pixel centres at integers,
+`wflw.to_annotation`), so a synthetic face takes exactly the path of a real one. Pillow draws with
+pixel centres at integers but truncates every coordinate to an integer; `_pixels` hands it the floor
+of the continuous coordinate, which fills the pixel holding that point (its nearest pixel centre).
 """
 
 from __future__ import annotations
@@ -711,6 +717,15 @@ def _xy(points: np.ndarray) -> list[float]:
     return points.ravel().tolist()
 
 
+def _pixels(points: np.ndarray) -> np.ndarray:
+    """Continuous coordinates -> Pillow drawing coordinates: the index of the pixel holding each point.
+
+    Pillow puts pixel centres at integers and truncates each coordinate to an integer (towards zero), so
+    a continuous c (integer-centre c - 0.5) is drawn at the nearest pixel centre by passing floor(c).
+    """
+    return np.floor(points)
+
+
 def _shade(colour: tuple[int, ...], factor: float) -> tuple[int, int, int]:
     return tuple(int(min(255, c * factor)) for c in colour[:3])  # type: ignore[return-value]
 
@@ -754,8 +769,8 @@ class _Canvas:
         self.unit = scale * self.supersample  # hi-res pixels per face unit
 
     def hi(self, points: np.ndarray) -> np.ndarray:
-        """Image pixels -> PIL coordinates on the hi-res patch (PIL puts pixel centres on integers)."""
-        return (points - self.origin) * self.supersample - 0.5
+        """Image pixels (continuous) -> Pillow drawing coordinates on the hi-res patch (see `_pixels`)."""
+        return _pixels((points - self.origin) * self.supersample)
 
     def width(self, units: float) -> int:
         return max(1, round(units * self.unit))
@@ -987,7 +1002,8 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
 def _detection_rect(
     rng: np.random.Generator, landmarks: np.ndarray, width: int, height: int
 ) -> tuple[int, ...]:
-    """A detector-like box around the landmarks, jittered, inside the image."""
+    """A detector-like box around the landmarks, jittered, inside the image (pixel indices 0..w-1, as
+    WFLW's rectangles: `landmarks` in WFLW's convention)."""
     lo, hi = landmarks.min(axis=0), landmarks.max(axis=0)
     size = hi - lo
     jitter = rng.normal(0, 0.03, 4) * np.tile(size, 2)
@@ -1044,12 +1060,12 @@ def _draw_body(image: Image.Image, face: Face, geometry: Geometry) -> None:
     draw = ImageDraw.Draw(image)
     clothes = tuple(int(c * f) for c, f in zip(face.look.clothes, level, strict=True))
     neck = tuple(int(c * f * 0.72) for c, f in zip(face.look.skin, level, strict=True))
-    draw.polygon(_xy(geometry.parts["torso"] - 0.5), fill=clothes)
-    draw.polygon(_xy(geometry.parts["neck"] - 0.5), fill=neck)
+    draw.polygon(_xy(_pixels(geometry.parts["torso"])), fill=clothes)
+    draw.polygon(_xy(_pixels(geometry.parts["neck"])), fill=neck)
 
 
 def render_image(job: ImageJob) -> tuple[Image.Image, list[wflw.Annotation]]:
-    """Render one image of `job` and the annotations of its faces (in face order)."""
+    """Render one image of `job` and the annotations of its faces (in face order, in WFLW's convention)."""
     rng = np.random.default_rng([job.seed, job.split_index, job.image_index])
     width, height = _image_size(rng, job.min_size, job.max_size)
     faces = [sample_face(job, i) for i in range(len(job.flags))]
@@ -1063,8 +1079,9 @@ def render_image(job: ImageJob) -> tuple[Image.Image, list[wflw.Annotation]]:
     annotations = []
     for face, geometry in zip(faces, placed, strict=True):
         _render_face(image, face, geometry)
-        rect = _detection_rect(face.rng_rect, geometry.landmarks, width, height)
-        annotations.append(wflw.Annotation(geometry.landmarks, rect, face.flags, job.relpath))  # type: ignore[arg-type]
+        landmarks = wflw.to_annotation(geometry.landmarks)  # drawn in continuous pixels, written as WFLW's
+        rect = _detection_rect(face.rng_rect, landmarks, width, height)
+        annotations.append(wflw.Annotation(landmarks, rect, face.flags, job.relpath))  # type: ignore[arg-type]
     return image, annotations
 
 

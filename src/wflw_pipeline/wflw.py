@@ -1,4 +1,15 @@
-"""The facts of WFLW (see shared WFLW.md) as code: point layout, flip, attributes, line format."""
+"""The facts of WFLW (see shared WFLW.md) as code: point layout, flip, attributes, line format, and
+the annotation pixel convention.
+
+Pixel convention. WFLW's annotations (like MMPose, the reference) put pixel centres at integers: the
+pixel in column i is centred on x = i, an image of width w spans [-0.5, w - 0.5], and a horizontal mirror
+is x -> w - 1 - x. Everything inside this pipeline uses continuous coordinates instead: pixel i covers
+[i, i + 1), its centre is i + 0.5, an image spans [0, w] and mirrors as x -> w - x (see `geometry`).
+The two differ by `ANNOTATION_OFFSET` = half a pixel on both axes. Annotated coordinates are converted
+once, where they enter (`to_continuous`, in convert), and coordinates are converted back where image
+coordinates leave in WFLW's terms (`to_annotation`: the Parquet `crop_to_image` and `landmarks_image`,
+the synthetic generator's annotation lines).
+"""
 
 from __future__ import annotations
 
@@ -71,13 +82,31 @@ def test_list_member(attribute: str | None = None) -> str:
     return f"{TEST_LIST_DIR}/list_98pt_test{suffix}.txt"
 
 
+ANNOTATION_OFFSET = 0.5
+"""Continuous coordinate = annotated coordinate + this (WFLW puts pixel centres at integers)."""
+
+
+def to_continuous(coords: np.ndarray) -> np.ndarray:
+    """Annotated image coordinates (pixel centres at integers) -> continuous ones (pixel i covers [i, i + 1)).
+
+    Works on any array of x/y coordinates: points (..., 2) or a rectangle x_min y_min x_max y_max.
+    """
+    return np.asarray(coords, np.float64) + ANNOTATION_OFFSET
+
+
+def to_annotation(coords: np.ndarray) -> np.ndarray:
+    """Continuous image coordinates -> WFLW's annotation convention (pixel centres at integers)."""
+    return np.asarray(coords, np.float64) - ANNOTATION_OFFSET
+
+
 class AnnotationError(ValueError):
     """An annotation line that does not follow WFLW's format."""
 
 
 @dataclass(frozen=True)
 class Annotation:
-    """One face: 98 landmarks in image pixels, the detection rectangle, six flags, image path."""
+    """One face as annotated: 98 landmarks and the detection rectangle in image pixels in WFLW's
+    convention (pixel centres at integers, see `to_continuous`), six flags, image path."""
 
     landmarks: np.ndarray
     rect: tuple[int, int, int, int]

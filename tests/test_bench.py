@@ -15,7 +15,8 @@ import pytest
 import torch
 from helpers import default_params
 
-from wflw_pipeline import augment, bench, cli, engine
+from wflw_pipeline import augment, cli, codebase, engine, train
+from wflw_pipeline.bench import common, loader, step
 from wflw_pipeline.dataset import load_faces
 from wflw_pipeline.runtime import Precision
 
@@ -25,21 +26,21 @@ GREY = 57.4  # one unit of a normalised input is about this many grey levels (Im
 
 
 @pytest.fixture(scope="module")
-def bench_data(tmp_path_factory) -> bench.BenchData:
+def bench_data(tmp_path_factory) -> loader.BenchData:
     work = tmp_path_factory.mktemp("bench")
-    return bench.prepare_data(
+    return loader.prepare_data(
         work, faces=10, min_image_size=160, max_image_size=220, crop_size=CROP, context=CONTEXT
     )
 
 
-def _both_loaders(data: bench.BenchData, params: augment.ViewParams):
+def _both_loaders(data: loader.BenchData, params: augment.ViewParams):
     """Our batch and the reference-style per-sample batch of every face, seen through `params`."""
     faces = load_faces(data.parquet)
     n = len(faces)
     view = engine.View(faces.crop_size, faces.context, INPUT)
     ours = engine.inputs_and_targets(faces, torch.arange(n), view, params, Precision(None, False))
     paths, landmarks = data.records()
-    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=None, out_size=INPUT, views=params)
+    dataset = loader.ReferenceStyleDataset(paths, landmarks, augmentation=None, out_size=INPUT, views=params)
     samples = [dataset[i] for i in range(n)]
     baseline = tuple(torch.stack(parts) for parts in zip(*samples, strict=True))
     return ours, baseline
@@ -83,19 +84,20 @@ def test_a_different_view_is_detected(bench_data):
 def test_baseline_draws_a_new_augmentation_per_sample(bench_data):
     paths, landmarks = bench_data.records()
     augmentation = default_params().augment
-    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=augmentation, out_size=INPUT)
+    dataset = loader.ReferenceStyleDataset(paths, landmarks, augmentation=augmentation, out_size=INPUT)
     first, second = dataset[0], dataset[0]
     assert not torch.equal(first[0], second[0])
-    plain = bench.ReferenceStyleDataset(paths, landmarks, augmentation=None, out_size=INPUT)
+    plain = loader.ReferenceStyleDataset(paths, landmarks, augmentation=None, out_size=INPUT)
     assert torch.equal(plain[0][0], plain[0][0])
 
 
 def test_baseline_loader_batches_like_ours(bench_data):
     paths, landmarks = bench_data.records()
     augmentation = default_params().augment
-    dataset = bench.ReferenceStyleDataset(paths, landmarks, augmentation=augmentation, out_size=INPUT)
-    loader = bench.baseline_loader(dataset, batch_size=4, batches=3, workers=1, pin_memory=False, seed=0)
-    batches = list(loader)
+    dataset = loader.ReferenceStyleDataset(paths, landmarks, augmentation=augmentation, out_size=INPUT)
+    batches = list(
+        loader.baseline_loader(dataset, batch_size=4, batches=3, workers=1, pin_memory=False, seed=0)
+    )
     assert len(batches) == 3
     assert all(x.shape == (4, 3, INPUT, INPUT) and y.shape == (4, 98, 2) for x, y in batches)
 
@@ -151,7 +153,7 @@ def test_train_step_bench_writes_its_json(tmp_path):
 
 def test_train_step_mfu_uses_the_given_peak(tmp_path):
     params = default_params()
-    result = bench.run_train_step(
+    result = step.run_train_step(
         out_dir=tmp_path,
         loss=params.loss,
         train=params.train,
@@ -168,6 +170,48 @@ def test_train_step_mfu_uses_the_given_peak(tmp_path):
     run = result["runs"][0]
     assert result["peak_source"] == "--peak-tflops"
     assert run["mfu"] == pytest.approx(run["achieved_tflops"] / 1.0)
+
+
+def test_train_step_bench_times_engine_train_step_with_the_training_schedule(tmp_path, monkeypatch):
+    """The timed step is engine.train_step (what train_one_epoch runs), with train.*'s LambdaLR schedule."""
+    params = default_params()
+    calls = []
+    real_step = engine.train_step
+
+    def counting(model, optimizer, scheduler, loss_fn, inputs, targets, precision):
+        calls.append(scheduler)
+        return real_step(model, optimizer, scheduler, loss_fn, inputs, targets, precision)
+
+    monkeypatch.setattr(engine, "train_step", counting)
+    step.run_train_step(
+        out_dir=tmp_path,
+        loss=params.loss,
+        train=params.train,
+        arch="resnet18",
+        input_size=32,
+        batch_size=2,
+        steps=2,
+        warmup=2,
+        repeats=3,
+        device_name="cpu",
+        compile="off",
+    )
+    assert len(calls) == 2 + 3 * 2  # warm-up (the first step included), then steps x repeats
+    scheduler = calls[0]
+    assert all(s is scheduler for s in calls)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and scheduler.last_epoch == len(calls)
+    factor = train.lr_factor(params.train, 7500 // 2)
+    assert scheduler.get_last_lr()[0] == pytest.approx(params.train.lr * factor(len(calls)))
+
+
+def test_bench_is_in_no_stage_and_its_own_closure_holds_the_engine():
+    """Other stages never depend on bench (dvc deps, train's code digest); `wflw bench` runs engine.py."""
+    package = ROOT / "src" / "wflw_pipeline"
+    for stage in ("fetch", "convert", "train", "evaluate", "preview"):
+        assert not [p for p in codebase.stage_sources(stage) if "bench" in p.relative_to(package).parts]
+    own = {str(p.relative_to(package)) for p in codebase.stage_sources("bench")}
+    expected = {"bench/__init__.py", "bench/cli.py", "bench/common.py", "bench/loader.py", "bench/step.py"}
+    assert expected | {"bench/epoch.py", "engine.py", "train.py"} <= own
 
 
 def test_epoch_bench_writes_its_json_and_projects_the_reference_schedule(tmp_path):
@@ -188,7 +232,7 @@ def test_epoch_bench_writes_its_json_and_projects_the_reference_schedule(tmp_pat
 
 
 def test_resnet50_forward_at_256_is_10_7_gflop():
-    flops = bench.forward_flops("resnet50", 256)
+    flops = step.forward_flops("resnet50", 256)
     # by hand, not bench's own constant: 4.1 GMAC at 224 px x (256 / 224)^2 x 2 FLOP per MAC = 10.71 GFLOP
     assert flops == pytest.approx(10.7e9, rel=0.05)
 
@@ -206,15 +250,16 @@ def test_resnet50_forward_at_256_is_10_7_gflop():
 def test_peak_flops_table_by_device_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     bf16 = Precision(torch.bfloat16, True)
-    assert bench.peak_tflops(torch.device("cuda"), bf16, None)[0] == peak
-    assert bench.peak_tflops(torch.device("cuda"), Precision(None, True), None)[0] is None
-    assert bench.peak_tflops(torch.device("cpu"), bf16, None) == (None, "n/a on CPU (give --peak-tflops)")
+    assert step.peak_tflops(torch.device("cuda"), bf16, None)[0] == peak
+    assert step.peak_tflops(torch.device("cuda"), Precision(None, True), None)[0] is None
+    assert step.peak_tflops(torch.device("cpu"), bf16, None) == (None, "n/a on CPU (give --peak-tflops)")
 
 
 def test_the_gpu_path_imports_only_the_torch_stack():
     """gpu_check.sh runs on a box with the torch stack only: nothing it calls may import these."""
     code = (
-        "import sys; from wflw_pipeline import cli, bench, train, evaluate, convert, synthetic, engine; "
+        "import sys; from wflw_pipeline import cli, train, evaluate, convert, synthetic, engine; "
+        "from wflw_pipeline.bench import cli as bench_cli, common, epoch, loader, step; "
         "cli.build_parser(); "
         "bad = [m for m in ('requests', 'gdown', 'dvc', 'mlflow', 'prefect') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
@@ -225,7 +270,7 @@ def test_the_gpu_path_imports_only_the_torch_stack():
 
 
 def test_format_table_aligns_columns():
-    table = bench.format_table(["a", "bb"], [[1.0, None], ["long", 12345.0]]).splitlines()
+    table = common.format_table(["a", "bb"], [[1.0, None], ["long", 12345.0]]).splitlines()
     assert table[0] == "| a    | bb     |"
     assert table[2] == "| 1    | n/a    |"
     assert table[3] == "| long | 12,345 |"

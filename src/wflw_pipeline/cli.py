@@ -52,157 +52,19 @@ def _preview(params: Params, args: argparse.Namespace) -> None:
 
 
 def _bench(params: Params, args: argparse.Namespace) -> None:
-    from . import bench
+    from .bench.cli import run
 
-    out = Path(args.out)
-    common = {"device_name": args.device, "out_dir": out, "command": " ".join(["wflw", *args.argv])}
-    if args.bench == "loader":
-        bench.run_loader(
-            **common,
-            work_dir=Path(args.work),
-            augmentation=params.augment,
-            faces=args.faces,
-            batch_size=args.batch_size,
-            batches=args.batches,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            workers=args.workers,
-            min_image_size=args.min_image_size,
-            max_image_size=args.max_image_size,
-            crop_size=args.crop_size,
-            input_size=args.input_size,
-            context=args.context,
-            seed=args.seed,
-        )
-        return
-    training = {
-        **common,
-        "loss": params.loss,
-        "train": params.train,
-        "arch": args.arch,
-        "input_size": args.input_size,
-        "batch_size": args.batch_size,
-        "precision_name": args.precision,
-        "channels_last": args.channels_last,
-        "compile": args.compile,
-        "compile_mode": args.compile_mode,
-    }
-    if args.bench == "train-step":
-        bench.run_train_step(
-            **training,
-            steps=args.steps,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            peak=args.peak_tflops,
-        )
-    else:
-        bench.run_epoch(
-            **training,
-            augmentation=params.augment,
-            faces=args.faces,
-            crop_size=args.crop_size,
-            context=args.context,
-            epochs=args.epochs,
-        )
+    run(params, args, command=" ".join(["wflw", *args.argv]))
 
 
 def _add_bench_parser(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
-    bench = commands.add_parser(
-        "bench",
-        help="performance benchmarks: loader, train-step, epoch (tables + JSON under data/bench)",
-        description="Measure the data path, the training step and whole epochs on this machine. Each "
-        "mode prints a table and writes <mode>.json into --out. Sizes left unset default to GPU-sized "
-        "values on CUDA and small ones elsewhere. Augmentation ranges, the loss, the optimiser and the "
-        "LR schedule come from params (augment.*, loss.*, train.*). Nothing here asserts a speed.",
-    )
-    modes = bench.add_subparsers(dest="bench", required=True, metavar="MODE")
-    loader = modes.add_parser(
-        "loader",
-        help="our on-device batch augmentation vs a reference-style per-sample DataLoader",
-        description="Generates synthetic WFLW at WFLW-like image sizes in --work (reused when the "
-        "settings match), extracts the original images for the baseline and converts them for ours, then "
-        "times both loaders on the same faces, batch size and augmentation ranges, in one run.",
-    )
-    loader.add_argument("--faces", type=int, default=300, help="(default: %(default)s)")
-    loader.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    loader.add_argument(
-        "--batches", type=int, default=20, help="timed batches per repeat (default: %(default)s)"
-    )
-    loader.add_argument("--warmup", type=int, default=3, help="untimed batches first (default: %(default)s)")
-    loader.add_argument("--repeats", type=int, default=3, help="(default: %(default)s)")
-    loader.add_argument(
-        "--workers", type=int, default=None, help="baseline DataLoader workers (default: cores)"
-    )
-    loader.add_argument("--min-image-size", type=int, default=800, help="(default: %(default)s)")
-    loader.add_argument("--max-image-size", type=int, default=1200, help="(default: %(default)s)")
-    loader.add_argument("--crop-size", type=int, default=384, help="stored crop side (default: %(default)s)")
-    loader.add_argument("--context", type=float, default=1.5, help="(default: %(default)s)")
-    loader.add_argument(
-        "--input-size", type=int, default=256, help="network input side (default: %(default)s)"
-    )
-    loader.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    loader.add_argument(
-        "--work", default="data/bench/work", help="folder for the generated data (default: %(default)s)"
-    )
+    # Lazy: bench/cli.py holds the parser (argparse and params only); the benchmarks load in _bench.
+    from .bench.cli import add_parser
 
-    step = modes.add_parser(
-        "train-step",
-        help="forward + backward + Adam step: images/s with and without torch.compile, memory, MFU",
-        description="Times the training step of DeepPose on random inputs already on the device. FLOPs "
-        "are counted with FlopCounterMode (one forward; training = 3x); MFU = achieved / the GPU's dense "
-        "bf16 peak (a table by device name, or --peak-tflops).",
-    )
-    step.add_argument(
-        "--steps", type=int, default=None, help="timed steps per repeat (default: 200 CUDA, 3 CPU)"
-    )
-    step.add_argument(
-        "--warmup", type=int, default=None, help="untimed steps first (default: 10 CUDA, 1 CPU)"
-    )
-    step.add_argument("--repeats", type=int, default=3, help="(default: %(default)s)")
-    step.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by GPU name)")
-
-    epoch = modes.add_parser(
-        "epoch",
-        help="whole epochs of engine.train_one_epoch on in-memory crops; projects the reference schedule",
-        description="Trains whole epochs (data + step) on random in-memory crops and projects the "
-        "reference schedule (210 epochs of 7,500 faces) at the steady speed.",
-    )
-    epoch.add_argument("--faces", type=int, default=None, help="(default: 7500 CUDA, 64 CPU)")
-    epoch.add_argument("--epochs", type=int, default=3, help="(default: %(default)s; the first warms up)")
-    epoch.add_argument("--crop-size", type=int, default=384, help="(default: %(default)s)")
-    epoch.add_argument("--context", type=float, default=1.5, help="(default: %(default)s)")
-
-    for sub in (step, epoch):
-        sub.add_argument("--arch", default="resnet50", help="(default: %(default)s)")
-        sub.add_argument("--input-size", type=int, default=256, help="(default: %(default)s)")
-        sub.add_argument(
-            "--batch-size", type=int, default=None, help="(default: 256 CUDA; 8 train-step, 16 epoch on CPU)"
-        )
-        sub.add_argument(
-            "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA"
-        )
-        sub.add_argument(
-            "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="(default: on)"
-        )
-        sub.add_argument(
-            "--compile",
-            choices=("auto", "on", "off") + (("both",) if sub is step else ()),
-            default="auto",
-            help="torch.compile the model (auto: %s)"
-            % ("both on CUDA, off elsewhere" if sub is step else "on on CUDA, off elsewhere"),
-        )
-        sub.add_argument(
-            "--compile-mode",
-            choices=("default", "reduce-overhead", "max-autotune"),
-            default="default",
-            help="(default: %(default)s)",
-        )
-    subs = [loader, step, epoch]
-    for sub in subs:
-        sub.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
-        sub.add_argument("--out", default="data/bench", help="folder for <mode>.json (default: %(default)s)")
-        sub.set_defaults(run=_bench)
-    return subs
+    modes = add_parser(commands)
+    for mode in modes:
+        mode.set_defaults(run=_bench)
+    return modes
 
 
 def _add_params_options(parser: argparse.ArgumentParser) -> None:

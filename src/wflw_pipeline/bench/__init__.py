@@ -1,0 +1,21 @@
+"""Performance benchmarks, `wflw bench loader | train-step | epoch`: a table on stdout, JSON in data/bench.
+
+- `loader` (loader.py): augmented, normalised network inputs per second from our data path (decoded
+  crops held in memory on the training device, one batched affine warp per batch:
+  `engine.inputs_and_targets`) against a loader in the reference's (MMPose's) style: a torch Dataset
+  that decodes the ORIGINAL image file with Pillow, crops and warps one face with a PIL affine (same
+  flip/scale/rotation/shift ranges, drawn per sample), normalises it, in DataLoader workers (one per
+  core). Same faces, same batch size, both in one run; the images are synthetic WFLW at WFLW-like sizes,
+  generated and converted here.
+- `train-step` (step.py): `engine.train_step`, the step `engine.train_one_epoch` runs (forward, loss,
+  backward, Adam, LR schedule), on random inputs already on the device, with and without
+  `torch.compile`; peak memory; FLOPs (FlopCounterMode) and model FLOP utilisation.
+- `epoch` (epoch.py): `engine.train_one_epoch` over an in-memory face set (data + step, end to end) and
+  the time the reference schedule (210 epochs of 7,500 faces) would take at that speed.
+
+common.py holds what they share (machine info, device and precision, tables, JSON); cli.py the
+`wflw bench` parser and the dispatch to the run functions.
+
+Benchmarks only measure; they never assert a speed. Torch stack only (no dvc, mlflow, prefect, requests).
+This file imports nothing: building the `wflw` parser loads only it and cli.py.
+"""

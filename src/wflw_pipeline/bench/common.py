@@ -1,0 +1,152 @@
+"""What every benchmark shares: where it ran, device and precision, timing helpers, tables, JSON."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import fileio
+from ..errors import PipelineError
+from ..runtime import Precision
+from ..runtime import resolve_device as resolve_train_device
+from ..runtime import resolve_precision as resolve_train_precision
+
+FORMAT_VERSION = 1
+REFERENCE_FACES = 7500
+REFERENCE_EPOCHS = 210
+"""The reference schedule: 210 epochs of WFLW's 7,500 training faces."""
+
+
+class BenchError(PipelineError):
+    """A benchmark that cannot run as asked (bad size)."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise BenchError(message)
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Where and when a figure was measured."""
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu_model": _cpu_model(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda
+        )
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def resolve_device(name: str) -> torch.device:
+    """As `wflw train` resolves train.device; an unavailable choice names `bench --device`."""
+    return resolve_train_device(name, key="bench --device")
+
+
+def resolve_precision(name: str, channels_last: bool | None, device: torch.device) -> Precision:
+    """auto: bf16 autocast on CUDA, fp32 elsewhere; channels_last defaults to on (as train.* does)."""
+    return resolve_train_precision(name, True if channels_last is None else channels_last, device)
+
+
+def precision_label(precision: Precision) -> str:
+    return "bf16" if precision.dtype is torch.bfloat16 else "fp32"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """CUDA: max allocated since reset_memory; elsewhere the process's peak RSS."""
+    if device.type == "cuda":
+        return {
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "memory_kind": "cuda_max_allocated",
+        }
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except ImportError:
+        return {"peak_memory_gib": None, "memory_kind": "n/a"}
+    return {"peak_memory_gib": rss, "memory_kind": "process_peak_rss"}
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table (readable as text too)."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"  # noqa: E731
+    out = [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if value == 0 or abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def format_runs(values: Sequence[float]) -> str:
+    """The repeats of one figure, in a table cell."""
+    return " ".join(f"{v:.0f}" if v >= 100 else f"{v:.3g}" for v in values)
+
+
+def header(mode: str, device: torch.device, command: str | None) -> dict[str, Any]:
+    """The fields every result JSON starts with."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "command": command,
+        "machine": machine_info(device),
+    }
+
+
+def write_result(out_dir: Path, name: str, result: dict[str, Any], table: str) -> Path:
+    """<out_dir>/<name>.json, and the table on stdout."""
+    path = Path(out_dir) / f"{name}.json"
+    fileio.write_json(path, result)
+    print(table, flush=True)
+    print(f"wrote {path}", flush=True)
+    return path

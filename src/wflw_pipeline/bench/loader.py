@@ -1,0 +1,487 @@
+"""`wflw bench loader`: our on-device batch augmentation vs a reference-style per-sample DataLoader."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import augment, engine, fileio, wflw
+from ..dataset import FaceSet, load_faces
+from ..params import AugmentParams, ConvertParams, SyntheticParams
+from ..runtime import Precision
+from .common import (
+    format_runs,
+    format_table,
+    header,
+    median,
+    require,
+    resolve_device,
+    synchronize,
+    write_result,
+)
+
+logger = logging.getLogger(__name__)
+
+PADDING = 1.25
+"""Face box = landmark extent x this, both in the conversion (ours) and in the baseline's own crop."""
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """Synthetic WFLW for the loader benchmark: the original images on disk and their conversion."""
+
+    images_dir: Path
+    parquet: Path
+
+    def records(self) -> tuple[list[Path], np.ndarray]:
+        """Image file and image-pixel landmarks (N, 98, 2) of every face, in the order of the Parquet rows.
+
+        The landmarks are continuous (pixel i covers [i, i + 1), as the baseline's PIL warp reads them):
+        `landmarks_image` holds them as annotated, with pixel centres at integers.
+        """
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.parquet, columns=["image_path", "landmarks_image"])
+        paths = [self.images_dir / p for p in table.column("image_path").to_pylist()]
+        points = table.column("landmarks_image").combine_chunks().flatten().to_numpy()
+        points = wflw.to_continuous(points.astype(np.float64))
+        return paths, points.reshape(len(paths), wflw.NUM_POINTS, 2)
+
+
+def prepare_data(
+    work_dir: Path,
+    *,
+    faces: int,
+    min_image_size: int = 800,
+    max_image_size: int = 1200,
+    crop_size: int = 384,
+    context: float = 1.5,
+    seed: int = 0,
+) -> BenchData:
+    """Generate synthetic WFLW archives, extract the images (for the baseline), convert them (for ours).
+
+    Reused when `work_dir` already holds data made with the same settings.
+    """
+    work_dir = Path(work_dir)
+    settings = {
+        "faces": faces,
+        "min_image_size": min_image_size,
+        "max_image_size": max_image_size,
+        "crop_size": crop_size,
+        "context": context,
+        "padding": PADDING,
+        "seed": seed,
+    }
+    stamp = work_dir / "bench_data.json"
+    data = BenchData(work_dir / "images", work_dir / "parquet" / "train.parquet")
+    if stamp.is_file() and data.parquet.is_file() and json.loads(stamp.read_text()) == settings:
+        logger.info("reusing the benchmark data in %s", work_dir)
+        return data
+    from ..convert import run_convert
+    from ..synthetic import generate_archives
+
+    raw = work_dir / "raw"
+    synthetic = SyntheticParams(
+        seed=seed,
+        train_faces=faces,
+        test_faces=1,
+        min_image_size=min_image_size,
+        max_image_size=max_image_size,
+        workers=0,
+    )
+    logger.info("generating %d synthetic faces at %d-%d px in %s", faces, min_image_size, max_image_size, raw)
+    images_archive, _ = generate_archives(raw, synthetic)
+    extract_images(images_archive, data.images_dir)
+    # Every field explicit (params have no defaults): the benchmark's own fixed data, not params.yaml's.
+    convert = ConvertParams(
+        bbox="landmarks",
+        padding=PADDING,
+        context=context,
+        crop_size=crop_size,
+        jpeg_quality=95,
+        val_fraction=0.0,
+        seed=seed,
+        max_outside=0.5,
+        on_error="fail",
+        workers=0,
+    )
+    run_convert(convert, raw, data.parquet.parent)
+    fileio.write_json(stamp, settings)
+    return data
+
+
+def extract_images(archive: Path, out_dir: Path) -> int:
+    """Write every image of a WFLW_images.tar.gz under out_dir (paths relative to WFLW_images)."""
+    prefix = f"{wflw.IMAGES_ROOT}/"
+    count = 0
+    with tarfile.open(archive, mode="r|gz") as tar:
+        for info in tar:
+            wflw.check_member_path(info.name)
+            if info.isfile() and info.name.startswith(prefix):
+                target = out_dir / info.name[len(prefix) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(info).read())  # type: ignore[union-attr]
+                count += 1
+    return count
+
+
+def reference_matrix(
+    landmarks_image: np.ndarray,
+    *,
+    flip: bool,
+    scale: float,
+    angle: float,
+    shift: tuple[float, float],
+    padding: float,
+    out_size: int,
+) -> np.ndarray:
+    """(2, 3) affine: output pixel -> ORIGINAL image pixel, for one face, as the reference builds it.
+
+    The face box is the extent of the landmarks (centre, side = max(w, h)) padded by `padding`; the
+    view is that square moved by `shift` x side, scaled by `scale`, turned by `angle` and mirrored,
+    exactly the geometry `augment.view_matrices` applies to a stored crop.
+    """
+    lo, hi = landmarks_image.min(axis=0), landmarks_image.max(axis=0)
+    side = float((hi - lo).max()) * padding
+    step = scale * side / out_size
+    cos, sin = math.cos(angle) * step, math.sin(angle) * step
+    mirror = -1.0 if flip else 1.0
+    linear = np.array([[cos * mirror, -sin], [sin * mirror, cos]])
+    centre = (lo + hi) / 2.0 + np.asarray(shift) * side
+    translation = centre - linear.sum(axis=1) * (out_size / 2)
+    return np.concatenate([linear, translation[:, None]], axis=1)
+
+
+class ReferenceStyleDataset(torch.utils.data.Dataset):
+    """The reference's per-sample data path: decode the whole original image, crop and warp one face.
+
+    Per item: Pillow decodes the original JPEG (RGB), one bilinear PIL affine warp takes the augmented
+    view of the face (its landmark box padded by PADDING, as the conversion pads it) straight to
+    `out_size` (pixel i covers [i, i + 1), as in augment.py; outside the image is black), the pixels
+    are normalised per channel and the landmarks mapped into the view (and re-labelled by WFLW's flip
+    permutation when mirrored), in [0, 1] units of the input.
+
+    Augmentation is drawn per sample with `augment.draw_params` (the same distributions as ours); `views`
+    fixes the view of each item instead (tests).
+    """
+
+    def __init__(
+        self,
+        image_paths: Sequence[Path],
+        landmarks_image: np.ndarray,
+        *,
+        augmentation: AugmentParams | None,
+        out_size: int = 256,
+        seed: int = 0,
+        views: augment.ViewParams | None = None,
+    ) -> None:
+        self.paths = [str(p) for p in image_paths]
+        self.landmarks = np.asarray(landmarks_image, np.float64)
+        self.augmentation = augmentation
+        self.out_size = out_size
+        self.seed = seed
+        self.views = views
+        self.mean = np.asarray(engine.IMAGENET_MEAN, np.float32)
+        self.inv_std = 1.0 / np.asarray(engine.IMAGENET_STD, np.float32)
+        self.flip_permutation = np.asarray(wflw.FLIP)
+        self._generator: tuple[int, torch.Generator] | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _view(self, index: int) -> tuple[bool, float, float, tuple[float, float]]:
+        if self.views is not None:
+            v = self.views
+            return (
+                bool(v.flip[index]),
+                float(v.scale[index]),
+                float(v.angle[index]),
+                tuple(v.shift[index].tolist()),
+            )
+        if self.augmentation is None:
+            return False, 1.0, 0.0, (0.0, 0.0)
+        draws = engine.draw(self.augmentation, 1, self._worker_generator(), torch.device("cpu"))
+        return (
+            bool(draws.flip[0]),
+            float(draws.scale[0]),
+            float(draws.angle[0]),
+            tuple(draws.shift[0].tolist()),
+        )
+
+    def _worker_generator(self) -> torch.Generator:
+        """One generator per process (each DataLoader worker gets its own seed)."""
+        pid = os.getpid()
+        if self._generator is None or self._generator[0] != pid:
+            info = torch.utils.data.get_worker_info()
+            seed = info.seed if info is not None else self.seed
+            self._generator = (pid, torch.Generator().manual_seed(seed % 2**63))
+        return self._generator[1]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with Image.open(self.paths[index]) as file:
+            image = file.convert("RGB")
+        points = self.landmarks[index]
+        flip, scale, angle, shift = self._view(index)
+        matrix = reference_matrix(
+            points,
+            flip=flip,
+            scale=scale,
+            angle=angle,
+            shift=shift,
+            padding=PADDING,
+            out_size=self.out_size,
+        )
+        view = image.transform(
+            (self.out_size, self.out_size),
+            Image.Transform.AFFINE,
+            data=tuple(matrix.reshape(-1).tolist()),
+            resample=Image.Resampling.BILINEAR,
+        )
+        pixels = (np.asarray(view, np.float32) - self.mean) * self.inv_std
+        inputs = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        linear, translation = matrix[:, :2], matrix[:, 2]
+        targets = (points - translation) @ np.linalg.inv(linear).T
+        if flip:
+            targets = targets[self.flip_permutation]
+        return inputs, torch.from_numpy((targets / self.out_size).astype(np.float32))
+
+
+def baseline_loader(
+    dataset: ReferenceStyleDataset,
+    *,
+    batch_size: int,
+    batches: int,
+    workers: int,
+    pin_memory: bool,
+    seed: int,
+) -> torch.utils.data.DataLoader:
+    """A shuffling DataLoader yielding exactly `batches` full batches (epochs chained, as training does)."""
+    sampler = torch.utils.data.RandomSampler(
+        dataset, num_samples=batches * batch_size, generator=torch.Generator().manual_seed(seed)
+    )
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        prefetch_factor=2 if workers else None,
+    )
+
+
+def time_baseline(
+    dataset: ReferenceStyleDataset,
+    device: torch.device,
+    *,
+    batch_size: int,
+    batches: int,
+    warmup: int,
+    workers: int,
+    seed: int,
+) -> dict[str, float]:
+    """Images/s of the reference-style loader over `batches` batches after `warmup` (workers started)."""
+    start = time.perf_counter()
+    loader = baseline_loader(
+        dataset,
+        batch_size=batch_size,
+        batches=warmup + batches,
+        workers=workers,
+        pin_memory=device.type == "cuda",
+        seed=seed,
+    )
+    timed = None
+    for i, (inputs, targets) in enumerate(loader):
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if i + 1 == warmup:
+            synchronize(device)
+            timed = time.perf_counter()
+    synchronize(device)
+    end = time.perf_counter()
+    timed = timed if timed is not None else start
+    return {
+        "images_per_s": batches * batch_size / (end - timed),
+        "startup_s": (timed - start) if warmup else 0.0,
+    }
+
+
+def time_ours(
+    faces: FaceSet,
+    view: engine.View,
+    augmentation: AugmentParams,
+    precision: Precision,
+    *,
+    batch_size: int,
+    batches: int,
+    warmup: int,
+    seed: int,
+) -> dict[str, float]:
+    """Images/s of our data path: index the in-memory crops, draw, warp the whole batch on the device."""
+    device = faces.images.device
+    total = (warmup + batches) * batch_size
+    order_gen = torch.Generator(device=device).manual_seed(seed)
+    order = torch.cat(
+        [
+            torch.randperm(len(faces), generator=order_gen, device=device)
+            for _ in range(-(-total // len(faces)))
+        ]
+    )
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    timed = time.perf_counter()
+    inputs = None
+    for i in range(warmup + batches):
+        if i == warmup:
+            synchronize(device)
+            timed = time.perf_counter()
+        index = order[i * batch_size : (i + 1) * batch_size]
+        draws = engine.draw(augmentation, batch_size, augment_gen, device)
+        # as train_one_epoch does: the next batch is written over the last one's inputs (on the CPU)
+        out = engine.reusable(inputs, batch_size)
+        inputs, _ = engine.inputs_and_targets(faces, index, view, draws, precision, out=out)
+    synchronize(device)
+    return {"images_per_s": batches * batch_size / (time.perf_counter() - timed)}
+
+
+def run_loader(
+    *,
+    out_dir: Path,
+    work_dir: Path,
+    augmentation: AugmentParams,
+    device_name: str = "auto",
+    faces: int = 300,
+    batch_size: int = 64,
+    batches: int = 20,
+    warmup: int = 3,
+    repeats: int = 3,
+    workers: int | None = None,
+    min_image_size: int = 800,
+    max_image_size: int = 1200,
+    crop_size: int = 384,
+    input_size: int = 256,
+    context: float = 1.5,
+    seed: int = 0,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Ours vs the reference-style loader on the same synthetic faces; writes loader.json."""
+    device = resolve_device(device_name)
+    require(faces >= batch_size, f"--faces ({faces}) must be >= --batch-size ({batch_size})")
+    require(batches >= 1 and repeats >= 1 and warmup >= 0, "--batches, --repeats >= 1 and --warmup >= 0")
+    workers = len(os.sched_getaffinity(0)) if workers is None else workers
+    data = prepare_data(
+        work_dir,
+        faces=faces,
+        min_image_size=min_image_size,
+        max_image_size=max_image_size,
+        crop_size=crop_size,
+        context=context,
+        seed=seed,
+    )
+    faceset = load_faces(data.parquet, device)
+    paths, landmarks = data.records()
+    view = engine.View(faceset.crop_size, faceset.context, input_size)
+    # The loader's output is fp32 either way; on CUDA in the memory format training feeds the model.
+    precision = Precision(None, device.type == "cuda")
+    dataset = ReferenceStyleDataset(
+        paths, landmarks, augmentation=augmentation, out_size=input_size, seed=seed
+    )
+    ours_runs, baseline_runs, startups = [], [], []
+    for repeat in range(repeats):
+        ours = time_ours(
+            faceset,
+            view,
+            augmentation,
+            precision,
+            batch_size=batch_size,
+            batches=batches,
+            warmup=warmup,
+            seed=seed + repeat,
+        )
+        base = time_baseline(
+            dataset,
+            device,
+            batch_size=batch_size,
+            batches=batches,
+            warmup=warmup,
+            workers=workers,
+            seed=seed + repeat,
+        )
+        ours_runs.append(ours["images_per_s"])
+        baseline_runs.append(base["images_per_s"])
+        startups.append(base["startup_s"])
+        logger.info(
+            "repeat %d: ours %.0f images/s, baseline %.0f images/s",
+            repeat + 1,
+            ours_runs[-1],
+            baseline_runs[-1],
+        )
+    ours_median, base_median = median(ours_runs), median(baseline_runs)
+    image_sizes = [Image.open(p).size for p in paths]
+    result = {
+        **header("loader", device, command),
+        "faces": len(faceset),
+        "image_size_px": {
+            "min": min(min(s) for s in image_sizes),
+            "max": max(max(s) for s in image_sizes),
+            "mean_megapixels": float(np.mean([w * h for w, h in image_sizes]) / 1e6),
+        },
+        "batch_size": batch_size,
+        "batches": batches,
+        "warmup_batches": warmup,
+        "repeats": repeats,
+        "crop_size": crop_size,
+        "context": context,
+        "input_size": input_size,
+        "augment": augmentation.__dict__,
+        "ours": {
+            "what": "FaceSet on the device + engine.inputs_and_targets (augment.augment_batch)",
+            "images_per_s": ours_median,
+            "batches_per_s": ours_median / batch_size,
+            "runs_images_per_s": ours_runs,
+            "memory_format": "channels_last" if precision.channels_last else "contiguous",
+        },
+        "baseline": {
+            "what": "per-sample Pillow decode of the original + PIL affine warp + normalise, DataLoader",
+            "workers": workers,
+            "images_per_s": base_median,
+            "batches_per_s": base_median / batch_size,
+            "runs_images_per_s": baseline_runs,
+            "worker_startup_s": median(startups),
+        },
+        "ratio": ours_median / base_median,
+    }
+    table = format_table(
+        ["loader", "images/s (median)", "batches/s", "runs", "ratio"],
+        [
+            [
+                "ours (on-device batch warp)",
+                ours_median,
+                ours_median / batch_size,
+                format_runs(ours_runs),
+                result["ratio"],
+            ],
+            [
+                f"baseline ({workers} workers)",
+                base_median,
+                base_median / batch_size,
+                format_runs(baseline_runs),
+                1.0,
+            ],
+        ],
+    )
+    write_result(
+        out_dir, "loader", result, f"\nloader: {len(faceset)} faces, batch {batch_size}, {device}\n{table}"
+    )
+    return result

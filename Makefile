@@ -1,13 +1,22 @@
 # `make run`: set up .venv if needed and run the whole pipeline on the embedded default (dvc repro).
 # `make test`: set up .venv if needed, check ruff, run every test (the slow end-to-end ones included).
+# `make lock`: re-resolve requirements.lock from pyproject.toml (the dev extra included) to the newest allowed
+#   releases with pip-tools' pip-compile, run from a throwaway venv; `make lock LOCK_FLAGS=` keeps the current pins
+#   that still fit and only adds/drops what pyproject.toml changed. .venv installs exactly the lock (see $(STAMP)).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # dvc runs each stage's `wflw ...` command through the shell: put the venv's scripts first on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
+LOCK := requirements.lock
+# The lock also pins pip itself, and torch/torchvision to the releases this machine keeps on disk (pip's config caps
+# them with a constraint file and finds them through its extra index; pip-compile reads those indexes but not the cap).
+LOCK_PINS := pip torch==2.14.1 torchvision==0.29.1
+LOCK_TOOLS := pip==26.3 pip-tools==7.6.2
+LOCK_FLAGS ?= --upgrade
 
-.PHONY: run test lint reference clean
+.PHONY: run test lint reference lock clean
 
 run: $(STAMP)
 	$(BIN)/dvc repro
@@ -25,11 +34,25 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 
-$(STAMP): pyproject.toml
+# Every distribution comes from the lock at its pinned version and hash (pip checks that the lock is complete), then
+# the project itself goes in editable without touching them, built with the locked setuptools. `pip check` fails if
+# pyproject.toml asks for something the lock lacks: run `make lock`.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -r $(LOCK)
+	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# --generate-hashes hashes the wheels on the local indexes as well as PyPI's, so `pip install -r` (hash-checking)
+# accepts the torch/nvidia wheels from disk. Index and find-links options stay out of the lock: pip's config has them.
+lock:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	$(PYTHON) -m venv "$$tmp" && \
+	"$$tmp/bin/python" -m pip install --quiet $(LOCK_TOOLS) && \
+	printf '%s\n' $(LOCK_PINS) | CUSTOM_COMPILE_COMMAND='make lock' "$$tmp/bin/pip-compile" $(LOCK_FLAGS) \
+		--quiet --extra dev --allow-unsafe --strip-extras --generate-hashes --no-emit-index-url \
+		--no-emit-find-links --output-file $(LOCK) pyproject.toml -
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

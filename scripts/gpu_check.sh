@@ -100,7 +100,7 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision
 # What gpu_check runs must not need the orchestration stack (the GPU box does not have it).
 from wflw_pipeline import cli, convert, evaluate, fetch, synthetic, train  # noqa: F401
 from wflw_pipeline.bench import cli as bench_cli, common, epoch, loader, step  # noqa: F401
-cli.build_parser()
+cli.build_parser(); bench_cli.build_parser()
 loaded = [m for m in ("requests", "gdown", "dvc", "mlflow", "prefect") if m in sys.modules]
 print("non-torch-stack modules imported:", loaded or "none")
 EOF

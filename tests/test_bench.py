@@ -260,7 +260,7 @@ def test_the_gpu_path_imports_only_the_torch_stack():
     code = (
         "import sys; from wflw_pipeline import cli, train, evaluate, convert, synthetic, engine; "
         "from wflw_pipeline.bench import cli as bench_cli, common, epoch, loader, step; "
-        "cli.build_parser(); "
+        "cli.build_parser(); bench_cli.build_parser(); "
         "bad = [m for m in ('requests', 'gdown', 'dvc', 'mlflow', 'prefect') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -57,17 +57,17 @@ def _bench(params: Params, args: argparse.Namespace) -> None:
     run(params, args, command=" ".join(["wflw", *args.argv]))
 
 
-def _add_bench_parser(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
-    # Lazy: bench/cli.py holds the parser (argparse and params only); the benchmarks load in _bench.
-    from .bench.cli import add_parser
+def _parse_bench(rest: Sequence[str], top: argparse.Namespace) -> argparse.Namespace:
+    """`wflw bench ...`: bench/cli.py has its own parser, loaded only here (no stage depends on it)."""
+    from .bench.cli import build_parser as bench_parser
 
-    modes = add_parser(commands)
-    for mode in modes:
-        mode.set_defaults(run=_bench)
-    return modes
+    args = bench_parser().parse_args(rest)
+    args.verbose, args.run = top.verbose, _bench
+    return args
 
 
-def _add_params_options(parser: argparse.ArgumentParser) -> None:
+def add_params_options(parser: argparse.ArgumentParser) -> None:
+    """--params and --set, which every command takes."""
     parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     parser.add_argument(
         "--set",
@@ -145,16 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--per-row", type=int, default=8, help="faces per row (default: %(default)s)")
     preview.set_defaults(run=_preview)
 
-    bench_modes = _add_bench_parser(commands)
+    commands.add_parser(
+        "bench",
+        add_help=False,
+        help="performance benchmarks: loader, train-step, epoch (see `wflw bench --help`)",
+    )
 
-    for sub in (fetch, convert, train, evaluate, preview, *bench_modes):
-        _add_params_options(sub)
+    for sub in (fetch, convert, train, evaluate, preview):
+        add_params_options(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    args = _parse_bench(rest, args) if args.command == "bench" else parser.parse_args(argv)
     args.argv = argv
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -1,7 +1,7 @@
 """`wflw bench`: its argument parser and the dispatch to the benchmark of each mode.
 
-Imports only argparse, pathlib and params at module level: the top-level `wflw` parser loads this
-file to register `wflw bench`, and the benchmark modules load only when a benchmark runs.
+The top-level `wflw` parser knows `bench` by name only and hands the rest of the command line to
+`build_parser` here, so no stage loads this file; the benchmark modules load only when one runs.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli import add_params_options
 from ..params import Params
 
 
@@ -71,12 +72,10 @@ def run(params: Params, args: argparse.Namespace, command: str) -> None:
         )
 
 
-def add_parser(commands: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
-    """Register `wflw bench` and its modes under `commands`; returns the mode parsers (the caller adds
-    the params options and its handler, which calls `run`)."""
-    bench = commands.add_parser(
-        "bench",
-        help="performance benchmarks: loader, train-step, epoch (tables + JSON under data/bench)",
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `wflw bench MODE [options]`."""
+    bench = argparse.ArgumentParser(
+        prog="wflw bench",
         description="Measure the data path, the training step and whole epochs on this machine. Each "
         "mode prints a table and writes <mode>.json into --out. Sizes left unset default to GPU-sized "
         "values on CUDA and small ones elsewhere. Augmentation ranges, the loss, the optimiser and the "
@@ -168,4 +167,5 @@ def add_parser(commands: argparse._SubParsersAction) -> list[argparse.ArgumentPa
     for sub in subs:
         sub.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
         sub.add_argument("--out", default="data/bench", help="folder for <mode>.json (default: %(default)s)")
-    return subs
+        add_params_options(sub)
+    return bench

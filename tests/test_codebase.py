@@ -34,6 +34,7 @@ def test_what_python_actually_imports_is_inside_the_derived_closure(stage):
     """Running the imports for real (no lazy function-level ones) loads a subset of the static closure."""
     script = (
         "import json, sys, wflw_pipeline.cli as cli, importlib\n"
+        f"cli.build_parser().parse_known_args(['{stage}'])\n"
         f"importlib.import_module('wflw_pipeline.{stage}')\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('wflw_pipeline'))))"
     )
@@ -41,6 +42,7 @@ def test_what_python_actually_imports_is_inside_the_derived_closure(stage):
     loaded = {codebase.module_path(name) for name in json.loads(done.stdout)}
     assert codebase.module_path(f"wflw_pipeline.{stage}") in loaded
     assert loaded <= set(codebase.stage_sources(stage))
+    assert not any("bench" in path.parts for path in loaded)
 
 
 def test_relative_absolute_and_lazy_imports_are_followed(tmp_path, monkeypatch):

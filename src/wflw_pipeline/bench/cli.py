@@ -37,6 +37,13 @@ def run(params: Params, args: argparse.Namespace, command: str) -> None:
             seed=args.seed,
         )
         return
+    if args.bench == "precision":
+        from .precision import run_precision
+
+        run_precision(
+            **common, checkpoint=Path(args.checkpoint), parquet=Path(args.parquet), batch_size=args.batch_size
+        )
+        return
     training = {
         **common,
         "loss": params.loss,
@@ -163,7 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
             default="default",
             help="(default: %(default)s)",
         )
-    subs = [loader, step, epoch]
+    precision = modes.add_parser(
+        "precision",
+        help="a trained model's NME in fp32, bf16 with the fp32 head (the default), and bf16 throughout",
+        description="Predicts one split with one trained model three ways (no flip test) and reports the "
+        "NME and how far the points move from fp32's, in input pixels: what keeping the regression head "
+        "in fp32 under bf16 autocast buys.",
+    )
+    precision.add_argument(
+        "--checkpoint", default="data/model/model.pt", help="trained model (default: %(default)s)"
+    )
+    precision.add_argument(
+        "--parquet", default="data/parquet/test.parquet", help="split to predict (default: %(default)s)"
+    )
+    precision.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+
+    subs = [loader, step, epoch, precision]
     for sub in subs:
         sub.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
         sub.add_argument("--out", default="data/bench", help="folder for <mode>.json (default: %(default)s)")

@@ -364,3 +364,13 @@ def test_an_empty_subset_gets_null_metrics_and_the_plots_still_draw(trained, tmp
     assert all(line.endswith(",") for line in (tmp_path / "e" / "ced.csv").read_text().splitlines()[1:])
     assert "| – |" in (tmp_path / "e" / "results.md").read_text()
     assert (tmp_path / "e" / "nme_subsets.png").stat().st_size > 0
+
+
+def test_a_test_split_boxed_otherwise_than_the_training_data_is_warned_about(caplog):
+    info = {"face_box": {"bbox": "landmarks", "padding": 1.25}}
+    meta = {"crop": {"bbox": "rect", "padding": 1.25, "context": 1.5, "crop_size": 96}}
+    evaluate._check_view(info, meta, Path("model.pt"), Path("test.parquet"))
+    assert caplog.messages == [
+        "model.pt was trained on faces boxed with convert.bbox=landmarks "
+        "but test.parquet was made with bbox=rect"
+    ]

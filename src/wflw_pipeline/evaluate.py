@@ -158,7 +158,7 @@ def check_subset_counts(flags: np.ndarray, summary_path: Path) -> None:
 def _device_and_precision(params: EvaluateParams, info: dict[str, Any]) -> tuple[torch.device, Precision]:
     """train's device and precision rules (auto: cuda > mps > cpu; bf16 on CUDA), for evaluate.*."""
     device = resolve_device(params.device, key="evaluate.device")
-    channels_last = bool(info.get("params", {}).get("train", {}).get("channels_last", True))
+    channels_last = bool(info["params"]["train"]["channels_last"])
     return device, resolve_precision(params.precision, channels_last, device)
 
 
@@ -260,14 +260,14 @@ def run_evaluate(
         "evaluating %s (%s, epoch %s) on %s: %d test faces, input %d px, face box %s, flip test %s, %s, %s",
         model_path,
         info["arch"],
-        info.get("epoch", "?"),
+        info["epoch"],
         device,
         len(test),
         view.input_size,
-        meta.get("crop", {}).get("bbox", "?"),
+        meta["crop"]["bbox"],
         "on" if params.flip_test else "off",
-        "bf16" if precision.dtype is not None else "fp32",
-        meta.get("source", "unknown source"),
+        precision.name,
+        meta["source"],
     )
     result = predict_split(model, test, test_path, view=view, params=params, precision=precision)
     threshold = params.failure_threshold
@@ -282,18 +282,18 @@ def run_evaluate(
     }
     metrics["config"] = {
         "flip_test": params.flip_test,
-        "epoch": info.get("epoch"),
+        "epoch": info["epoch"],
         "input_size": view.input_size,
         "failure_threshold": threshold,
     }
     context = report.ReportContext(
         arch=str(info["arch"]),
-        loss=str(info.get("params", {}).get("loss", {}).get("name", "")),
+        loss=str(info["params"]["loss"]["name"]),
         input_size=view.input_size,
-        source=str(meta.get("source", "unknown")),
-        bbox=str(meta.get("crop", {}).get("bbox", "unknown")),
+        source=str(meta["source"]),
+        bbox=str(meta["crop"]["bbox"]),
         flip_test=params.flip_test,
-        epoch=info.get("epoch"),
+        epoch=info["epoch"],
         checkpoint=str(model_path),
         threshold=threshold,
     )
@@ -308,12 +308,11 @@ def run_evaluate(
 
 def _check_view(info: dict[str, Any], meta: dict[str, Any], model_path: Path, test_path: Path) -> None:
     """Warn when the test crops were boxed differently from the crops the model was trained on."""
-    trained = info.get("params", {}).get("convert", {})
-    crop = meta.get("crop", {})
+    trained, crop = info["face_box"], meta["crop"]
     for key in ("bbox", "padding"):
-        if key in trained and key in crop and trained[key] != crop[key]:
+        if trained[key] != crop[key]:
             logger.warning(
-                "%s was trained with convert.%s=%s but %s was made with %s=%s",
+                "%s was trained on faces boxed with convert.%s=%s but %s was made with %s=%s",
                 model_path,
                 key,
                 trained[key],

@@ -1,15 +1,14 @@
 """`wflw bench precision`: the bf16 head as it was, against the fp32 head, on one model."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import default_params, small_dataset
+from helpers import tiny_trained
 
-from wflw_pipeline import cli, convert, train
+from wflw_pipeline import cli
 from wflw_pipeline.bench.precision import Bf16Head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,19 +26,8 @@ def test_the_bf16_head_rounds_its_output_to_bf16():
 
 @pytest.fixture(scope="module")
 def model_and_split(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("precision")
-    small_dataset(root / "raw", train=8, test=6)
-    base = default_params()
-    convert.run_convert(
-        replace(base.convert, crop_size=48, val_fraction=0, workers=1), root / "raw", root / "pq"
-    )
-    params = replace(
-        base,
-        model=replace(base.model, arch="resnet18", pretrained="none", input_size=32),
-        train=replace(base.train, epochs=1, batch_size=4, warmup_iters=1, device="cpu", threads=1),
-    )
-    train.run_train(params, root / "pq", train.Outputs(root / "model", root / "train"))
-    return root / "model" / "model.pt", root / "pq" / "test.parquet"
+    parquet, model = tiny_trained(tmp_path_factory.mktemp("precision"))
+    return model, parquet / "test.parquet"
 
 
 def test_precision_bench_reports_three_settings_against_fp32(model_and_split, tmp_path):
@@ -47,7 +35,7 @@ def test_precision_bench_reports_three_settings_against_fp32(model_and_split, tm
     words = ["bench", "precision", "--checkpoint", str(model), "--parquet", str(split), "--device", "cpu"]
     assert cli.main([*words, "--out", str(tmp_path), "--params", str(ROOT / "params.yaml")]) == 0
     result = json.loads((tmp_path / "precision.json").read_text())
-    assert result["mode"] == "precision" and result["faces"] == 6 and result["input_size"] == 32
+    assert result["mode"] == "precision" and result["faces"] == 8 and result["input_size"] == 32
     fp32, default, bf16_head = result["settings"]
     assert fp32["setting"] == "fp32" and fp32["max_shift_px"] == 0.0
     assert default["setting"].startswith("bf16, fp32 head") and bf16_head["setting"].startswith("bf16 thr")

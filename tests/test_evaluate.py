@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import default_params, small_dataset
+from helpers import default_params, tiny_trained
 from torch import nn
 
-from wflw_pipeline import cli, contract, convert, engine, evaluate, geometry, report, train, wflw
+from wflw_pipeline import cli, contract, engine, evaluate, geometry, report, wflw
 from wflw_pipeline.dataset import FaceSet, load_faces
 from wflw_pipeline.metrics import MetricsError, auc, ced, failure_rate, nme_per_face
 from wflw_pipeline.model import MODEL_FORMAT_VERSION, TRAINED_KEYS, CheckpointError, load_trained
@@ -171,20 +171,7 @@ def test_flip_test_of_a_constant_asymmetric_shape_averages_it_with_its_mirror():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(parquet dir, model.pt) of a resnet18 trained 1 epoch at input 32 on 10 + 8 hand-made faces."""
-    root = tmp_path_factory.mktemp("eval")
-    small_dataset(root / "raw", train=10, test=8)
-    base = default_params()
-    convert.run_convert(
-        replace(base.convert, crop_size=48, val_fraction=0.2, workers=1), root / "raw", root / "parquet"
-    )
-    params = replace(
-        base,
-        model=replace(base.model, arch="resnet18", pretrained="none", input_size=32),
-        train=replace(base.train, epochs=1, batch_size=4, warmup_iters=1, device="cpu", threads=1),
-    )
-    outputs = train.Outputs(root / "model", root / "train")
-    train.run_train(params, root / "parquet", outputs)
-    return root / "parquet", outputs.model
+    return tiny_trained(tmp_path_factory.mktemp("eval"))
 
 
 def test_load_trained_gives_the_model_and_its_view(trained):

@@ -142,8 +142,8 @@ augment: {flip_prob: 0.1, scale_min: 0.9, scale_max: 1.1, rotation_deg: 30, rota
           shift_frac: 0.05, shift_prob: 0.4}
 train: {epochs: 7, batch_size: 5, lr: 0.01, weight_decay: 0.0001, warmup_iters: 3, warmup_ratio: 0.5,
         schedule: cosine, milestones: [2, 4], gamma: 0.5, device: cpu, precision: fp32,
-        channels_last: false, compile: true, seed: 4, resume: never, checkpoint_interval_s: 30,
-        threads: 2}
+        channels_last: false, compile: true, compile_cache: /c, seed: 4, resume: never,
+        checkpoint_interval_s: 30, threads: 2}
 evaluate: {flip_test: false, batch_size: 6, device: cpu, precision: bf16, failure_threshold: 0.08,
            grid_faces: 3}
 """
@@ -159,6 +159,7 @@ evaluate: {flip_test: false, batch_size: 6, device: cpu, precision: bf16, failur
     assert params.augment.rotation_deg == 30.0 and params.augment.shift_prob == 0.4
     assert params.train.epochs == 7 and params.train.milestones == (2, 4)
     assert (params.train.schedule, params.train.resume, params.train.compile) == ("cosine", "never", True)
+    assert params.train.compile_cache == "/c"
     assert params.evaluate.flip_test is False and params.evaluate.precision == "bf16"
     assert params.evaluate.failure_threshold == 0.08
 

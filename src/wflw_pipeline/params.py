@@ -187,6 +187,7 @@ class TrainParams:
     precision: Literal["auto", "bf16", "fp32"]
     channels_last: bool
     compile: bool
+    compile_cache: str | None
     seed: int
     resume: Literal["auto", "never"]
     checkpoint_interval_s: float
@@ -201,6 +202,10 @@ class TrainParams:
         _require(list(self.milestones) == sorted(self.milestones), f"{key}.milestones: must be increasing")
         _require(self.threads >= 0, f"{key}.threads: must be >= 0 (0 = torch's default)")
         _require(self.checkpoint_interval_s >= 0, f"{key}.checkpoint_interval_s: must be >= 0")
+        _require(
+            self.compile_cache is None or self.compile_cache.strip() != "",
+            f"{key}.compile_cache: must be a folder or null (torch's default location)",
+        )
 
 
 @dataclass(frozen=True)

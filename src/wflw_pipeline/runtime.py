@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -93,3 +94,34 @@ def configure_backends(device: torch.device) -> None:
     """Let cuDNN pick the fastest convolution algorithms for our fixed input shapes (CUDA only)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+
+
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+"""Where Inductor keeps its caches: the FX graph cache (compiled kernels, Triton's bundled in) and the
+AOTAutograd cache (the forward/backward split) live under it; read by torch at each cache access."""
+
+
+def setup_compile_cache(folder: str | Path | None, key: str = "train.compile_cache") -> Path | None:
+    """Keep torch.compile's caches across processes, in `folder` (None: torch's default location).
+
+    Call before the first compile. Turns on Inductor's FX graph cache and the AOTAutograd cache (both on
+    by default in torch 2.14; set here so an old default or a config change cannot silently drop them)
+    and points TORCHINDUCTOR_CACHE_DIR at `folder`, made absolute (compile workers inherit it) and
+    created. A second run of the same model then loads the compiled graphs instead of compiling them;
+    Dynamo still traces the model (seconds), and cuDNN still picks its algorithms (per process).
+    Returns the folder used, or None for torch's default.
+    """
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+    if folder is None:
+        return None
+    path = Path(folder).expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RuntimeSetupError(f"{key}: cannot create {path} ({err.strerror or err})") from None
+    os.environ[COMPILE_CACHE_ENV] = str(path)
+    return path

@@ -35,7 +35,14 @@ from .losses import loss_from_params
 from .metrics import mean_shape_nme, nme_per_face
 from .model import build_model, save_atomic, save_trained
 from .params import Params, TrainParams
-from .runtime import Distributed, Precision, configure_backends, resolve_device, resolve_precision
+from .runtime import (
+    Distributed,
+    Precision,
+    configure_backends,
+    resolve_device,
+    resolve_precision,
+    setup_compile_cache,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +313,10 @@ def _train(
     module = run.model
     model: nn.Module = DistributedDataParallel(module) if world.world_size > 1 else module
     if config.compile:
+        # One compile per run: every training batch has one size (batch_indices drops the short last
+        # one) and validation runs on `module`, uncompiled, so eval mode never reaches the graph.
+        cache = setup_compile_cache(config.compile_cache)
+        logger.info("torch.compile, caches in %s", cache or "torch's default location")
         model = torch.compile(model)
     loss_fn = loss_from_params(params.loss, params.model.input_size)
     logger.info(

@@ -16,6 +16,28 @@ from ..params import Params
 def run(params: Params, args: argparse.Namespace, command: str) -> None:
     """Run the benchmark `args.bench` with the parsed options; `command` is recorded in its JSON."""
     common = {"device_name": args.device, "out_dir": Path(args.out), "command": command}
+    if args.bench == "start":
+        from .start import run_start
+
+        run_start(
+            **common,
+            params=params,
+            arch=args.arch,
+            input_size=args.input_size,
+            batch_size=args.batch_size,
+            faces=args.faces,
+            crop_size=args.crop_size,
+            steps=args.steps,
+            tolerance=args.tolerance,
+            precision_name=args.precision,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            compile_mode=args.compile_mode,
+            work_dir=Path(args.work) if args.work else None,
+            keep=args.keep,
+            timeout_s=args.run_timeout,
+        )
+        return
     if args.bench == "loader":
         from .loader import run_loader
 
@@ -185,7 +207,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     precision.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
 
-    subs = [loader, step, epoch, precision]
+    start = modes.add_parser(
+        "start",
+        help="the start of a run, cold then warm (compile cache): phases to the first full-speed step",
+        description="Runs the same short training job twice, each in a fresh process, sharing one compile "
+        "cache folder that starts empty (cold, then warm), and times each run's phases from its launch: "
+        "imports, device init, crops to the device, model build, first step (compile, cuDNN autotune), "
+        "the steps to full speed, a checkpoint save. Sizes left unset: the reference config on CUDA "
+        "(ResNet-50, 256 px, batch 512, 7,500 crops of 384 px, bf16), small elsewhere (ResNet-18, 64 px, "
+        "batch 16, 64 crops of 96 px).",
+    )
+    start.add_argument("--arch", default=None, help="(default: resnet50 CUDA, resnet18 CPU)")
+    start.add_argument("--input-size", type=int, default=None, help="(default: 256 CUDA, 64 CPU)")
+    start.add_argument("--batch-size", type=int, default=None, help="(default: 512 CUDA, 16 CPU)")
+    start.add_argument("--faces", type=int, default=None, help="crops in memory (default: 7500 CUDA, 64 CPU)")
+    start.add_argument("--crop-size", type=int, default=None, help="(default: 384 CUDA, 96 CPU)")
+    start.add_argument("--steps", type=int, default=None, help="steps per run (default: 40 CUDA, 20 CPU)")
+    start.add_argument(
+        "--tolerance", type=float, default=0.15, help="full speed: this near the steady step (%(default)s)"
+    )
+    start.add_argument(
+        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA"
+    )
+    start.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="(default: on)"
+    )
+    start.add_argument("--compile", choices=("on", "off"), default="on", help="(default: %(default)s)")
+    start.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        default="default",
+        help="(default: %(default)s)",
+    )
+    start.add_argument(
+        "--work", default=None, help="folder for the scratch cache and checkpoint (default: system temp)"
+    )
+    start.add_argument("--keep", action="store_true", help="keep the scratch folder (compile cache, logs)")
+    start.add_argument(
+        "--run-timeout", type=float, default=900.0, help="seconds allowed per run (default: %(default)s)"
+    )
+
+    subs = [loader, step, epoch, precision, start]
     for sub in subs:
         sub.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
         sub.add_argument("--out", default="data/bench", help="folder for <mode>.json (default: %(default)s)")

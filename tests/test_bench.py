@@ -392,6 +392,7 @@ def test_gpu_check_smoke_runs_every_step_with_the_torch_stack_only(tmp_path):
         "loader.json",
         "pipeline_history.csv",
         "pipeline_metrics.json",
+        "start.json",
     }
     assert expected | {"gpu_check.log"} <= produced and len(produced) <= 8  # $OUT returns at most 8 files
     assert json.loads((tmp_path / "out" / "train_step.json").read_text())["complete"] is True

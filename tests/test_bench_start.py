@@ -148,6 +148,7 @@ def test_one_run_measures_every_phase_and_saves_a_checkpoint(tmp_path):
         "precision": "auto",
         "channels_last": True,
         "compile": False,
+        "cudnn_benchmark": True,
         "compile_mode": "default",
         "cache_dir": str(tmp_path / "cache"),
         "work_dir": str(tmp_path),

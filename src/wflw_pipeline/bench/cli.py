@@ -33,6 +33,7 @@ def run(params: Params, args: argparse.Namespace, command: str) -> None:
             channels_last=args.channels_last,
             compile=args.compile,
             compile_mode=args.compile_mode,
+            cudnn_benchmark=args.cudnn_benchmark,
             work_dir=Path(args.work) if args.work else None,
             keep=args.keep,
             timeout_s=args.run_timeout,
@@ -243,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--work", default=None, help="folder for the scratch cache and checkpoint (default: system temp)"
     )
     start.add_argument("--keep", action="store_true", help="keep the scratch folder (compile cache, logs)")
+    start.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cuDNN's algorithm search on CUDA, as `wflw train` does (default: on)",
+    )
     start.add_argument(
         "--run-timeout", type=float, default=900.0, help="seconds allowed per run (default: %(default)s)"
     )

@@ -121,11 +121,15 @@ def measure(config: dict[str, Any], launched: float) -> dict[str, Any]:
 
     marks["imports"] = time.time()
     params = Params.from_dict(config["params"])
+    if params.train.threads:
+        torch.set_num_threads(params.train.threads)  # as `wflw train` does
     device = resolve_device(config["device"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.zeros(1, device=device)
     runtime.configure_backends(device)
+    if not config["cudnn_benchmark"]:
+        torch.backends.cudnn.benchmark = False
     synchronize(device)
     marks["device_init"] = time.time()
 
@@ -220,6 +224,8 @@ def measure(config: dict[str, Any], launched: float) -> dict[str, Any]:
         "cache_dir": None if cache is None else str(cache),
         "checkpoint_mb": checkpoint.stat().st_size / 1e6,
         "loss_finite": bool(torch.isfinite(last).item()),
+        "threads": torch.get_num_threads(),
+        "cudnn_benchmark": device.type == "cuda" and torch.backends.cudnn.benchmark,
         **peak_memory(device),
     }
 
@@ -244,6 +250,7 @@ def run_start(
     channels_last: bool | None = None,
     compile: str = "on",
     compile_mode: str = "default",
+    cudnn_benchmark: bool = True,
     work_dir: Path | None = None,
     keep: bool = False,
     timeout_s: float = 900.0,
@@ -254,7 +261,9 @@ def run_start(
     Sizes left unset are the reference config's on CUDA (ResNet-50, 256 px, batch 512, 7,500 crops of
     384 px, bf16, channels_last) and small elsewhere (ResNet-18, 64 px, batch 16, 64 crops of 96 px).
     The cache and the checkpoint go to a new folder under `work_dir` (default: the system's temporary
-    folder), removed afterwards unless `keep`. Writes start.json into `out_dir`; returns its content.
+    folder), removed afterwards unless `keep`. `cudnn_benchmark=False` turns off the cuDNN algorithm
+    search `wflw train` does on CUDA (to see what it costs the first step). Writes start.json into
+    `out_dir`; returns its content.
     """
     from .. import fileio
     from .common import (
@@ -284,6 +293,7 @@ def run_start(
         "channels_last": True if channels_last is None else channels_last,
         "compile": compile == "on",
         "compile_mode": compile_mode,
+        "cudnn_benchmark": cudnn_benchmark,
     }
     require(config["steps"] >= 2, "--steps must be >= 2")
     require(1 <= config["batch_size"] <= config["faces"], "need 1 <= --batch-size <= --faces")

@@ -88,6 +88,8 @@ def run(params: Params, args: argparse.Namespace, command: str) -> None:
             warmup=args.warmup,
             repeats=args.repeats,
             peak=args.peak_tflops,
+            variants=args.variants,
+            batch_sizes=args.batch_sizes,
         )
     else:
         from .epoch import run_epoch
@@ -100,6 +102,38 @@ def run(params: Params, args: argparse.Namespace, command: str) -> None:
             context=args.context,
             epochs=args.epochs,
         )
+
+
+TRAIN_STEP_DESCRIPTION = """\
+Times the training step of DeepPose (engine.train_step: forward under autocast, loss, backward, Adam,
+the LR schedule) on random inputs already on the device, in variants that keep its semantics: each
+variant at each batch size is built (and compiled) first, then all are timed in turns
+(A, B, C, A, B, C, ...) on the same inputs; the first is the baseline of the ratios. FLOPs are counted
+with FlopCounterMode (one forward; training = 3x); MFU = achieved / the GPU's dense bf16 peak (a table
+by device name, or --peak-tflops).
+
+A variant is a base, optionally followed by options, joined by "+" (e.g. compile+conv1x1+coord):
+  eager        engine.train_step, the model not compiled
+  compile      engine.train_step on torch.compile(model, dynamic=False), default Inductor
+  graph-step   the whole step (forward, loss, backward, fused capturable Adam) of the compiled model as
+               one CUDA graph, replayed; the lr a device tensor the LambdaLR schedule rewrites (CUDA only)
+  graph-eager  graph-step around the model not compiled (CUDA only)
+options (compile and graph-step):
+  conv1x1      Inductor conv_1x1_as_mm: 1x1 convolutions as matmuls
+  coord        Inductor coordinate_descent_tuning: Triton launch configurations tuned at first run
+  autotune     Inductor max_autotune, no CUDA graphs (+coord = mode max-autotune-no-cudagraphs)
+  cudagraphs   Inductor triton.cudagraphs (mode reduce-overhead; CUDA only, not with graph-step)
+Off CUDA, CUDA-only variants are listed as not run, with the reason. Without --variants, --compile
+off|on|both|auto and --compile-mode choose eager and/or compile (the mode as its options).
+"""
+
+
+def _sizes(text: str) -> list[int]:
+    """`256,384,512` -> [256, 384, 512]."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,10 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     step = modes.add_parser(
         "train-step",
-        help="forward + backward + Adam step: images/s with and without torch.compile, memory, MFU",
-        description="Times the training step of DeepPose on random inputs already on the device. FLOPs "
-        "are counted with FlopCounterMode (one forward; training = 3x); MFU = achieved / the GPU's dense "
-        "bf16 peak (a table by device name, or --peak-tflops).",
+        help="forward + backward + Adam step: images/s of variants of the step (A/B), memory, MFU",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=TRAIN_STEP_DESCRIPTION,
     )
     step.add_argument(
         "--steps", type=int, default=None, help="timed steps per repeat (default: 200 CUDA, 3 CPU)"
@@ -156,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     step.add_argument("--repeats", type=int, default=3, help="(default: %(default)s)")
     step.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by GPU name)")
+    step.add_argument(
+        "--variants",
+        default=None,
+        metavar="V1,V2,...",
+        help="variants of the step to time in turns, the first the baseline (see above; replaces "
+        "--compile and --compile-mode; default: those two choose)",
+    )
+    step.add_argument(
+        "--batch-sizes",
+        type=_sizes,
+        default=None,
+        metavar="B1,B2,...",
+        help="time every variant at each of these batch sizes, all in turns (instead of --batch-size)",
+    )
 
     epoch = modes.add_parser(
         "epoch",

@@ -5,6 +5,19 @@
 #
 #     bash scripts/gpu_check.sh                       # on the GPU box
 #     GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh     # (or --smoke) every size shrunk: a 1-2 minute CPU check
+#     GPU_CHECK_AB=1 bash scripts/gpu_check.sh        # INSTEAD of steps 1-5: the train-step A/B below, ~9 min
+#
+# The train-step A/B (issue 12 item 3; BENCHMARKS.md "train-step A/B") does not fit the 8 minutes beside
+# steps 1-5 (each variant compiles for ~1 minute), so it is a separate run: GPU_CHECK_AB=1 runs only its
+# four steps, within GPU_CHECK_BUDGET_S (default 560 s in this mode), ResNet-50 256x256 bf16 channels_last,
+# each `wflw bench train-step --variants ...` building its variants then timing them in turns
+# (30 steps x 3 repeats):
+#   ab-options   batch 256: compile (baseline), eager, compile+conv1x1, graph-step, graph-eager
+#   ab-batch     compile at batch 256, 384, 512
+#   ab-coord     batch 256: compile, compile+coord (coordinate-descent tuning: minutes of tuning)
+#   ab-autotune  batch 256: compile, compile+autotune (max-autotune, no CUDA graphs: the longest compile)
+# -> ab_<step>/train_step.json. GPU_CHECK_AB="coord autotune" (names from the list) runs only those, e.g.
+# to rerun a step the budget cut short; GPU_CHECK_SMOKE=1 shrinks them to a CPU check.
 #
 # 1. train-step: ResNet-50 256x256, bf16, channels_last, batch 256, 100 steps x 3 repeats, with and without
 #    torch.compile (100 steps, was 200, to make room for step 5: each timed window is still 6-8 s)
@@ -115,6 +128,54 @@ cli.build_parser(); bench_cli.build_parser()
 loaded = [m for m in ("requests", "gdown", "dvc", "mlflow", "prefect") if m in sys.modules]
 print("non-torch-stack modules imported:", loaded or "none")
 EOF
+
+# A/B of the training step, when asked (GPU_CHECK_AB): it runs instead of steps 1-5, then exits ----------
+if [[ "${GPU_CHECK_AB:-0}" != 0 ]]; then
+    AB_WANT=${GPU_CHECK_AB}
+    [[ "$AB_WANT" == 1 ]] && AB_WANT="options batch coord autotune"
+    BUDGET_S=${GPU_CHECK_BUDGET_S:-560}
+    declare -A AB_RUN=([options]=compile,eager,compile+conv1x1,graph-step,graph-eager [batch]=compile
+                       [coord]=compile,compile+coord [autotune]=compile,compile+autotune)
+    # every list must parse before any GPU time goes into compiling
+    "$PY" -c 'import sys; from wflw_pipeline.bench.step import parse_variants as p; [p(v) for v in sys.argv[1:]]
+print("A/B variants:", *sys.argv[1:])' "${AB_RUN[@]}" || FAILED+=("ab-variants")
+    if [[ "$SMOKE" == 1 ]]; then
+        AB_ARGS=(--arch resnet18 --input-size 32 --steps 2 --warmup 1 --repeats 2)
+        AB_SIZE=4
+        AB_SIZES=4,8
+        # no compiling on the CPU here (tests/test_bench.py checks each compiled variant's training)
+        AB_RUN=([options]=eager,graph-step,graph-eager [batch]=eager [coord]=eager [autotune]=eager)
+        declare -A AB_LIMIT=([options]=60 [batch]=60 [coord]=60 [autotune]=60)
+    else
+        AB_ARGS=(--arch resnet50 --input-size 256 --precision bf16 --channels-last --steps 30 --warmup 5
+                 --repeats 3)
+        AB_SIZE=256
+        AB_SIZES=256,384,512
+        # estimates: a cold compile ~52 s, the same graph again from the cache ~10 s, eager's first step
+        # ~13 s, 30 steps ~2-3.5 s; coord and autotune tune for minutes (not measured yet)
+        declare -A AB_LIMIT=([options]=260 [batch]=180 [coord]=240 [autotune]=560)
+    fi
+    for name in $AB_WANT; do
+        if [[ -z "${AB_RUN[$name]:-}" ]]; then
+            echo "=== ab-$name: unknown (GPU_CHECK_AB takes 1 or names from: ${!AB_RUN[*]})"
+            FAILED+=("ab-$name(unknown)")
+            continue
+        fi
+        sizes=(--batch-size "$AB_SIZE")
+        [[ "$name" == batch ]] && sizes=(--batch-sizes "$AB_SIZES")
+        run "ab-$name" "${AB_LIMIT[$name]}" "${CLI[@]}" bench train-step "${AB_ARGS[@]}" "${sizes[@]}" \
+            --variants "${AB_RUN[$name]}" --out "$RESULTS/ab_$name"
+    done
+    echo
+    echo "=== gpu_check A/B done in $((SECONDS - START)) s; results in $RESULTS:"
+    ls -lR "$RESULTS"
+    if ((${#FAILED[@]})); then
+        echo "FAILED: ${FAILED[*]}"
+        exit 1
+    fi
+    echo "all steps passed"
+    exit 0
+fi
 
 # 1. train-step (the headline: images/s, MFU) --------------------------------------------------------
 run train-step "${LIMITS[0]}" "${CLI[@]}" bench train-step "${STEP_ARGS[@]}" --out "$RESULTS"

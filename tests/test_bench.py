@@ -661,3 +661,33 @@ def test_train_step_help_lists_every_variant():
     text = parser._subparsers._group_actions[0].choices["train-step"].format_help()
     for name in [*step.BASES, *step.OPTIONS]:
         assert f"  {name} " in text, name
+
+
+@pytest.mark.slow
+def test_gpu_check_ab_smoke_runs_each_ab_step_with_the_torch_stack_only(tmp_path):
+    """GPU_CHECK_AB=1 with every size shrunk: the A/B steps' command lines run (their GPU variant lists
+    parsed first), each writes ab_<step>/train_step.json, and steps 1-5 do not run."""
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCKER)
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(tmp_path / "block"),
+        "OUT": str(tmp_path / "out"),
+        "GPU_CHECK_WORK": str(tmp_path / "work"),
+        "GPU_CHECK_SMOKE": "1",
+        "GPU_CHECK_AB": "1",
+    }
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "A/B variants: " in done.stdout and "=== epoch" not in done.stdout
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {
+        "gpu_check.log",
+        *(f"ab_{s}" for s in ("options", "batch", "coord", "autotune")),
+    }
+    options = json.loads((out / "ab_options" / "train_step.json").read_text())
+    assert options["complete"] and {n["variant"] for n in options["not_run"]} == {"graph-step", "graph-eager"}
+    assert json.loads((out / "ab_batch" / "train_step.json").read_text())["batch_sizes"] == [4, 8]

@@ -357,17 +357,15 @@ def _rows(cold: dict[str, Any], warm: dict[str, Any]) -> list[list[Any]]:
         ["compile: AOTAutograd", *(r["compile"]["aot_autograd_s"] for r in both)],
         ["compile: Inductor", *(r["compile"]["inductor_s"] for r in both)],
         ["first step outside compile", *(r["first_step_outside_compile_s"] for r in both)],
-        [
-            "FX graph cache hit/miss",
-            *(f"{r['cache']['fxgraph_cache_hit']}/{r['cache']['fxgraph_cache_miss']}" for r in both),
-        ],
-        [
-            "AOTAutograd cache hit/miss",
-            *(f"{r['cache']['autograd_cache_hit']}/{r['cache']['autograd_cache_miss']}" for r in both),
-        ],
+        ["FX graph cache hit/miss/bypass", *(_counts(r["cache"], "fxgraph_cache") for r in both)],
+        ["AOTAutograd cache hit/miss/bypass", *(_counts(r["cache"], "autograd_cache") for r in both)],
         ["checkpoint MB", *(r["checkpoint_mb"] for r in both)],
     ]
     return rows
+
+
+def _counts(cache: dict[str, int], name: str) -> str:
+    return "/".join(str(cache[f"{name}_{kind}"]) for kind in ("hit", "miss", "bypass"))
 
 
 def _launch(config: dict[str, Any], result_path: Path, timeout_s: float) -> dict[str, Any]:

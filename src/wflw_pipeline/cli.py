@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench",
         add_help=False,
-        help="performance benchmarks: loader, train-step, epoch (see `wflw bench --help`)",
+        help="benchmarks: loader, train-step, epoch, start, precision (see `wflw bench --help`)",
     )
 
     for sub in (fetch, convert, train, evaluate, preview):

@@ -1,4 +1,4 @@
-"""Performance benchmarks, `wflw bench loader | train-step | epoch`: a table on stdout, JSON in data/bench.
+"""`wflw bench loader | train-step | epoch | start | precision`: a table on stdout, JSON in data/bench.
 
 - `loader` (loader.py): augmented, normalised network inputs per second from our data path (decoded
   crops held in memory on the training device, one batched affine warp per batch:
@@ -9,13 +9,18 @@
   generated and converted here.
 - `train-step` (step.py): `engine.train_step`, the step `engine.train_one_epoch` runs (forward, loss,
   backward, Adam, LR schedule), on random inputs already on the device, with and without
-  `torch.compile`; peak memory; FLOPs (FlopCounterMode) and model FLOP utilisation.
+  `torch.compile`, or named variants of it (Inductor options, the whole step as a CUDA graph) at several
+  batch sizes, timed in turns; peak memory; FLOPs (FlopCounterMode) and model FLOP utilisation.
 - `epoch` (epoch.py): `engine.train_one_epoch` over an in-memory face set (data + step, end to end) and
   the time the reference schedule (210 epochs of 7,500 faces) would take at that speed.
+- `start` (start.py): the same short job cold, then warm, in fresh processes sharing one compile cache:
+  the phases from launch to the first full-speed step.
+- `precision` (precision.py): one trained model's NME in fp32, bf16 with the fp32 head, and bf16
+  throughout (what the fp32 head buys).
 
 common.py holds what they share (machine info, device and precision, tables, JSON); cli.py the
 `wflw bench` parser and the dispatch to the run functions.
 
 Benchmarks only measure; they never assert a speed. Torch stack only (no dvc, mlflow, prefect, requests).
-This file imports nothing: building the `wflw` parser loads only it and cli.py.
+This file imports nothing; `wflw bench` loads it and cli.py, and a mode's module only when it runs.
 """

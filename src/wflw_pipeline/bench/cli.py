@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of `wflw bench MODE [options]`."""
     bench = argparse.ArgumentParser(
         prog="wflw bench",
-        description="Measure the data path, the training step and whole epochs on this machine. Each "
+        description="Measure the data path, the training step, whole epochs, the start-up (cold and warm "
+        "compile cache) and the regression head's precision on this machine. Each "
         "mode prints a table and writes <mode>.json into --out. Sizes left unset default to GPU-sized "
         "values on CUDA and small ones elsewhere. Augmentation ranges, the loss, the optimiser and the "
         "LR schedule come from params (augment.*, loss.*, train.*). Nothing here asserts a speed.",

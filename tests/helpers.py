@@ -75,18 +75,23 @@ def small_dataset(raw_dir: Path, train: int = 4, test: int = 3) -> dict[str, lis
     return lines
 
 
+def tiny_parquet(root: Path, test: int) -> Path:
+    """root/parquet: 8 train, 2 val and `test` hand-made faces in crops of 48 px."""
+    small_dataset(root / "raw", train=10, test=test)
+    config = replace(default_params().convert, crop_size=48, val_fraction=0.2, workers=1)
+    convert.run_convert(config, root / "raw", root / "parquet")
+    return root / "parquet"
+
+
 def tiny_trained(root: Path) -> tuple[Path, Path]:
     """(parquet dir, model.pt) of a resnet18 trained 1 epoch at input 32 on 10 + 8 hand-made faces."""
-    small_dataset(root / "raw", train=10, test=8)
+    parquet = tiny_parquet(root, test=8)
     base = default_params()
-    convert.run_convert(
-        replace(base.convert, crop_size=48, val_fraction=0.2, workers=1), root / "raw", root / "parquet"
-    )
     params = replace(
         base,
         model=replace(base.model, arch="resnet18", pretrained="none", input_size=32),
         train=replace(base.train, epochs=1, batch_size=4, warmup_iters=1, device="cpu", threads=1),
     )
     outputs = train.Outputs(root / "model", root / "train")
-    train.run_train(params, root / "parquet", outputs)
-    return root / "parquet", outputs.model
+    train.run_train(params, parquet, outputs)
+    return parquet, outputs.model

@@ -107,6 +107,20 @@ def _run(words: str, *extra: str) -> None:
     assert cli.main([*words.split(), *extra, "--params", str(ROOT / "params.yaml")]) == 0
 
 
+def _tiny_step(out_dir: Path, **options) -> dict:
+    """`step.run_train_step` of resnet18 at 32 px on the CPU with params.yaml's loss and train.*."""
+    params = default_params()
+    return step.run_train_step(
+        out_dir=out_dir,
+        loss=params.loss,
+        train=params.train,
+        arch="resnet18",
+        input_size=32,
+        device_name="cpu",
+        **options,
+    )
+
+
 def test_loader_bench_writes_its_json(tmp_path, capsys):
     out = tmp_path / "out"
     _run(
@@ -152,18 +166,12 @@ def test_train_step_bench_writes_its_json(tmp_path):
 
 
 def test_train_step_mfu_uses_the_given_peak(tmp_path):
-    params = default_params()
-    result = step.run_train_step(
-        out_dir=tmp_path,
-        loss=params.loss,
-        train=params.train,
-        arch="resnet18",
-        input_size=32,
+    result = _tiny_step(
+        tmp_path,
         batch_size=2,
         steps=1,
         warmup=0,
         repeats=1,
-        device_name="cpu",
         compile="off",
         peak=1.0,
     )
@@ -183,17 +191,12 @@ def test_train_step_bench_times_engine_train_step_with_the_training_schedule(tmp
         return real_step(model, optimizer, scheduler, loss_fn, inputs, targets, precision)
 
     monkeypatch.setattr(engine, "train_step", counting)
-    step.run_train_step(
-        out_dir=tmp_path,
-        loss=params.loss,
-        train=params.train,
-        arch="resnet18",
-        input_size=32,
+    _tiny_step(
+        tmp_path,
         batch_size=2,
         steps=2,
         warmup=2,
         repeats=3,
-        device_name="cpu",
         compile="off",
     )
     assert len(calls) == 2 + 3 * 2  # warm-up (the first step included), then steps x repeats
@@ -541,19 +544,13 @@ def test_graph_step_recipe_trains_as_engine_train_step(dtype):
 
 
 def test_cuda_only_variants_are_skipped_on_the_cpu_with_a_note(tmp_path):
-    params = default_params()
-    result = step.run_train_step(
-        out_dir=tmp_path,
-        loss=params.loss,
-        train=params.train,
-        arch="resnet18",
-        input_size=32,
+    result = _tiny_step(
+        tmp_path,
         batch_sizes=[2],
         variants="eager,graph-step,graph-eager,compile+cudagraphs",
         steps=1,
         warmup=0,
         repeats=1,
-        device_name="cpu",
     )
     assert [r["variant"] for r in result["runs"]] == ["eager"]
     skipped = {n["variant"]: n for n in result["not_run"]}
@@ -594,7 +591,6 @@ def test_variants_run_at_every_batch_size_in_turns(tmp_path, monkeypatch, capsys
 
 
 def test_a_variant_that_fails_is_reported_and_the_others_still_run(tmp_path, monkeypatch):
-    params = default_params()
     real_prepare = step.prepare
 
     def failing(variant, **kwargs):
@@ -603,18 +599,13 @@ def test_a_variant_that_fails_is_reported_and_the_others_still_run(tmp_path, mon
         return real_prepare(variant, **kwargs)
 
     monkeypatch.setattr(step, "prepare", failing)
-    result = step.run_train_step(
-        out_dir=tmp_path,
-        loss=params.loss,
-        train=params.train,
-        arch="resnet18",
-        input_size=32,
+    result = _tiny_step(
+        tmp_path,
         batch_size=2,
         variants="compile,eager",
         steps=1,
         warmup=0,
         repeats=2,
-        device_name="cpu",
     )
     assert result["complete"] and [r["variant"] for r in result["runs"]] == ["eager"]
     assert result["not_run"] == [

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import default_params, small_dataset
+from helpers import default_params, tiny_parquet
 
-from wflw_pipeline import cli, convert, runtime, train
+from wflw_pipeline import cli, runtime, train
 from wflw_pipeline.bench import start
 from wflw_pipeline.params import ParamsError, load_params
 
@@ -87,11 +87,7 @@ def test_every_config_sets_the_compile_cache_and_an_empty_one_is_refused(tmp_pat
 @pytest.fixture(scope="module")
 def parquet_dir(tmp_path_factory) -> Path:
     """8 train faces and 2 val faces (crops of 48 px)."""
-    root = tmp_path_factory.mktemp("data")
-    small_dataset(root / "raw", train=10, test=3)
-    params = replace(default_params().convert, crop_size=48, val_fraction=0.2, workers=1)
-    convert.run_convert(params, root / "raw", root / "parquet")
-    return root / "parquet"
+    return tiny_parquet(tmp_path_factory.mktemp("data"), test=3)
 
 
 def test_training_with_compile_compiles_once_across_epochs_and_validation(tmp_path, parquet_dir, monkeypatch):

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import default_params, small_dataset
+from helpers import default_params, tiny_parquet
 
-from wflw_pipeline import convert, engine, losses, runtime, train
+from wflw_pipeline import engine, losses, runtime, train
 from wflw_pipeline.dataset import FaceSet, load_faces
 from wflw_pipeline.model import build_model
 from wflw_pipeline.params import Params
@@ -43,11 +43,7 @@ def _params(**train_overrides) -> Params:
 
 @pytest.fixture(scope="module")
 def parquet_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    small_dataset(root / "raw", train=10, test=3)
-    params = replace(default_params().convert, crop_size=48, val_fraction=0.2, workers=1)
-    convert.run_convert(params, root / "raw", root / "parquet")
-    return root / "parquet"
+    return tiny_parquet(tmp_path_factory.mktemp("data"), test=3)
 
 
 def _outputs(tmp_path: Path) -> train.Outputs:

@@ -370,9 +370,9 @@ sys.meta_path.insert(0, _TorchStackOnly())
 """
 
 
-@pytest.mark.slow
-def test_gpu_check_smoke_runs_every_step_with_the_torch_stack_only(tmp_path):
-    """scripts/gpu_check.sh with every size shrunk, where requests, dvc, mlflow and prefect cannot import."""
+def _gpu_check_smoke(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """`GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh` (plus `env`) with the orchestration stack blocked
+    from importing, results in tmp_path/out; it must exit 0."""
     (tmp_path / "block").mkdir()
     (tmp_path / "block" / "sitecustomize.py").write_text(BLOCKER)
     env = {
@@ -382,11 +382,19 @@ def test_gpu_check_smoke_runs_every_step_with_the_torch_stack_only(tmp_path):
         "OUT": str(tmp_path / "out"),
         "GPU_CHECK_WORK": str(tmp_path / "work"),
         "GPU_CHECK_SMOKE": "1",
+        **env,
     }
     done = subprocess.run(
         ["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return done
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step_with_the_torch_stack_only(tmp_path):
+    """scripts/gpu_check.sh with every size shrunk, where requests, dvc, mlflow and prefect cannot import."""
+    done = _gpu_check_smoke(tmp_path)
     assert "non-torch-stack modules imported: none" in done.stdout
     produced = {p.name for p in (tmp_path / "out").iterdir()}
     expected = {
@@ -658,21 +666,7 @@ def test_train_step_help_lists_every_variant():
 def test_gpu_check_ab_smoke_runs_each_ab_step_with_the_torch_stack_only(tmp_path):
     """GPU_CHECK_AB=1 with every size shrunk: the A/B steps' command lines run (their GPU variant lists
     parsed first), each writes ab_<step>/train_step.json, and steps 1-5 do not run."""
-    (tmp_path / "block").mkdir()
-    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCKER)
-    env = {
-        **os.environ,
-        "PYTHON": sys.executable,
-        "PYTHONPATH": str(tmp_path / "block"),
-        "OUT": str(tmp_path / "out"),
-        "GPU_CHECK_WORK": str(tmp_path / "work"),
-        "GPU_CHECK_SMOKE": "1",
-        "GPU_CHECK_AB": "1",
-    }
-    done = subprocess.run(
-        ["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    done = _gpu_check_smoke(tmp_path, GPU_CHECK_AB="1")
     assert "A/B variants: " in done.stdout and "=== epoch" not in done.stdout
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} == {

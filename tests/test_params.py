@@ -146,6 +146,9 @@ train: {epochs: 7, batch_size: 5, lr: 0.01, weight_decay: 0.0001, warmup_iters: 
         checkpoint_interval_s: 30, threads: 2}
 evaluate: {flip_test: false, batch_size: 6, device: cpu, precision: bf16, failure_threshold: 0.08,
            grid_faces: 3}
+tracking: {enabled: false, uri: "http://127.0.0.1:9", experiment: e, retries: 2, timeout_s: 4}
+registry: {model_name: m, max_subset_regression: 0.5, require_significant: false, bootstrap_samples: 200,
+           confidence: 0.9, seed: 3}
 """
     )
     params = load_params(path)
@@ -162,6 +165,13 @@ evaluate: {flip_test: false, batch_size: 6, device: cpu, precision: bf16, failur
     assert params.train.compile_cache == "/c"
     assert params.evaluate.flip_test is False and params.evaluate.precision == "bf16"
     assert params.evaluate.failure_threshold == 0.08
+    assert (params.tracking.enabled, params.tracking.uri, params.tracking.timeout_s) == (
+        False,
+        "http://127.0.0.1:9",
+        4.0,
+    )
+    assert (params.registry.model_name, params.registry.require_significant) == ("m", False)
+    assert (params.registry.bootstrap_samples, params.registry.confidence) == (200, 0.9)
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():

@@ -226,6 +226,40 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class TrackingParams:
+    """MLflow: where runs go, and how hard live logging tries before it warns and goes on."""
+
+    enabled: bool
+    uri: str | None
+    experiment: str
+    retries: int
+    timeout_s: float
+
+    def validate(self, key: str) -> None:
+        _require(self.experiment.strip() != "", f"{key}.experiment: must not be empty")
+        _require(self.retries >= 1, f"{key}.retries: must be >= 1")
+        _require(self.timeout_s > 0, f"{key}.timeout_s: must be > 0")
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    """The registered model, and the gate `wflw promote` applies before moving alias `champion`."""
+
+    model_name: str
+    max_subset_regression: float
+    require_significant: bool
+    bootstrap_samples: int
+    confidence: float
+    seed: int
+
+    def validate(self, key: str) -> None:
+        _require(self.model_name.strip() != "", f"{key}.model_name: must not be empty")
+        _require(self.max_subset_regression >= 0, f"{key}.max_subset_regression: must be >= 0")
+        _require(self.bootstrap_samples >= 100, f"{key}.bootstrap_samples: must be >= 100")
+        _require(0.5 <= self.confidence < 1, f"{key}.confidence: must be in [0.5, 1)")
+
+
+@dataclass(frozen=True)
 class Params:
     """Everything params.yaml holds; each stage reads its own sections."""
 
@@ -236,6 +270,8 @@ class Params:
     augment: AugmentParams
     train: TrainParams
     evaluate: EvaluateParams
+    tracking: TrackingParams
+    registry: RegistryParams
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

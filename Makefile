@@ -1,5 +1,7 @@
 # `make run`: set up .venv if needed and run the whole pipeline on the embedded default (dvc repro).
 # `make test`: set up .venv if needed, check ruff, run every test (the slow end-to-end ones included).
+# `make ui`: the MLflow UI for the embedded default store (sqlite:///mlflow.db, artifacts in mlartifacts/) on
+#   http://127.0.0.1:5000 (`make ui MLFLOW_PORT=5001` for another port).
 # `make lock`: re-resolve requirements.lock from pyproject.toml (the dev extra included) to the newest allowed
 #   releases with pip-tools' pip-compile, run from a throwaway venv; `make lock LOCK_FLAGS=` keeps the current pins
 #   that still fit and only adds/drops what pyproject.toml changed. .venv installs exactly the lock (see $(STAMP)).
@@ -15,8 +17,9 @@ LOCK := requirements.lock
 LOCK_PINS := pip torch==2.14.1 torchvision==0.29.1
 LOCK_TOOLS := pip==26.3 pip-tools==7.6.2
 LOCK_FLAGS ?= --upgrade
+MLFLOW_PORT ?= 5000
 
-.PHONY: run test lint reference lock clean
+.PHONY: run test ui lint reference lock clean
 
 run: $(STAMP)
 	$(BIN)/dvc repro
@@ -24,6 +27,12 @@ run: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# --default-artifact-root (not --artifacts-destination): experiments made in the UI keep a local mlartifacts/<id>
+# location, readable by the pipeline's direct sqlite client; runs logged there before are served from their own.
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # The reference recipe on real WFLW (needs a GPU to finish in reasonable time): see README.
 reference: $(STAMP)

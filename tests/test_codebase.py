@@ -12,7 +12,14 @@ import yaml
 from wflw_pipeline import codebase
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("fetch", "convert", "train", "evaluate")
+STAGES = {
+    "fetch": "fetch",
+    "convert": "convert",
+    "train": "train",
+    "evaluate": "evaluate",
+    "register": "tracking.register",
+}
+"""Each DVC stage and the module that does its work."""
 
 
 def _relative(paths: list[Path]) -> list[str]:
@@ -32,15 +39,16 @@ def test_dvc_yaml_deps_are_exactly_the_modules_the_stage_imports(stage):
 @pytest.mark.parametrize("stage", STAGES)
 def test_what_python_actually_imports_is_inside_the_derived_closure(stage):
     """Running the imports for real (no lazy function-level ones) loads a subset of the static closure."""
+    module = f"wflw_pipeline.{STAGES[stage]}"
     script = (
         "import json, sys, wflw_pipeline.cli as cli, importlib\n"
         f"cli.build_parser().parse_known_args(['{stage}'])\n"
-        f"importlib.import_module('wflw_pipeline.{stage}')\n"
+        f"importlib.import_module('{module}')\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith('wflw_pipeline'))))"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     loaded = {codebase.module_path(name) for name in json.loads(done.stdout)}
-    assert codebase.module_path(f"wflw_pipeline.{stage}") in loaded
+    assert codebase.module_path(module) in loaded
     assert loaded <= set(codebase.stage_sources(stage))
     assert not any("bench" in path.parts for path in loaded)
 
@@ -50,10 +58,12 @@ def test_relative_absolute_and_lazy_imports_are_followed(tmp_path, monkeypatch):
     (package / "sub").mkdir(parents=True)
     files = {
         "__init__.py": "",
-        "cli.py": "from .a import x\n\ndef _go():\n    from . import b\n\ndef _other():\n    import pkg.c\n",
+        "cli.py": "from .a import x\n\ndef _go():\n    from . import b\n    _helper()\n\n"
+        "def _helper():\n    from . import e\n\ndef _other():\n    import pkg.c\n",
         "a.py": "x = 1\n",
         "b.py": "def later():\n    from pkg.sub import d\n",
         "c.py": "",
+        "e.py": "",
         "sub/__init__.py": "",
         "sub/d.py": "from ..a import x\nimport numpy\n",
     }
@@ -62,7 +72,7 @@ def test_relative_absolute_and_lazy_imports_are_followed(tmp_path, monkeypatch):
     monkeypatch.setattr(codebase, "ROOT", package)
     monkeypatch.setattr(codebase, "PACKAGE", "pkg")
     names = sorted(str(p.relative_to(package)) for p in codebase.stage_sources("go"))
-    assert names == ["__init__.py", "a.py", "b.py", "cli.py", "sub/__init__.py", "sub/d.py"]  # not c.py
+    assert names == ["__init__.py", "a.py", "b.py", "cli.py", "e.py", "sub/__init__.py", "sub/d.py"]  # not c
 
 
 def test_digest_changes_with_any_byte_of_any_file(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -33,8 +34,72 @@ def _convert(params: Params, args: argparse.Namespace) -> None:
 def _train(params: Params, args: argparse.Namespace) -> None:
     from .train import Outputs, run_train
 
-    metrics = run_train(params, Path(args.parquet), Outputs(Path(args.model_dir), Path(args.train_dir)))
+    parquet, outputs = Path(args.parquet), Outputs(Path(args.model_dir), Path(args.train_dir))
+    with _tracked_training(params, parquet, outputs.train_dir) as on_epoch_end:
+        metrics = run_train(params, parquet, outputs, on_epoch_end)
     logger.info("train metrics: %s", metrics)
+
+
+def _tracked_training(params: Params, parquet: Path, train_dir: Path) -> contextlib.AbstractContextManager:
+    """MLflow's live tracking of the training (tracking.enabled), else a note that there is none."""
+    from . import fileio, tracking
+    from .runtime import Distributed
+
+    if params.tracking.enabled:
+        _require_mlflow()
+        from .tracking.runs import tracked_training
+
+        return tracked_training(params, parquet, train_dir)
+    if Distributed.from_env().main:
+        fileio.write_json(train_dir / tracking.RUN_REF, tracking.untracked("tracking.enabled is false"))
+    return contextlib.nullcontext()
+
+
+def _require_mlflow() -> None:
+    try:
+        import mlflow  # noqa: F401
+    except ImportError as err:
+        raise PipelineError(
+            f"tracking.enabled is true but MLflow cannot be imported ({err}): install it, or run with "
+            "--set tracking.enabled=false (e.g. on a bare GPU box)"
+        ) from None
+
+
+def _register(params: Params, args: argparse.Namespace) -> None:
+    if not params.tracking.enabled:
+        from . import fileio
+        from .tracking import untracked
+
+        fileio.write_json(Path(args.out) / "registered.json", untracked("tracking.enabled is false"))
+        logger.info("tracking.enabled is false: nothing registered")
+        return
+    _require_mlflow()
+    from .tracking.register import RegisterInputs, run_register
+
+    inputs = RegisterInputs(Path(args.train_dir), Path(args.model), Path(args.eval), Path(args.parquet))
+    run_register(params, inputs, Path(args.out))
+
+
+def _promote(params: Params, args: argparse.Namespace) -> None:
+    from .tracking.registry import PromotionRefused, promote
+
+    try:
+        print(promote(params, args.version, force=args.force, reason=args.reason))
+    except PromotionRefused as refused:
+        print(refused.report)
+        raise
+
+
+def _rollback(params: Params, args: argparse.Namespace) -> None:
+    from .tracking.registry import rollback
+
+    print(rollback(params, args.reason))
+
+
+def _models(params: Params, args: argparse.Namespace) -> None:
+    from .tracking.registry import models
+
+    print(models(params))
 
 
 def _evaluate(params: Params, args: argparse.Namespace) -> None:
@@ -145,13 +210,50 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--per-row", type=int, default=8, help="faces per row (default: %(default)s)")
     preview.set_defaults(run=_preview)
 
+    register = commands.add_parser(
+        "register",
+        help="complete the MLflow run and register the model (alias challenger)",
+        description="Stage register: completes the pipeline's MLflow run from the DVC outputs (results, "
+        "artifacts, the model as a pyfunc; a new run when train was cached or its run is not on this "
+        "server), creates a version of registry.model_name and points alias challenger at it. Writes "
+        "--out/registered.json. Reads params tracking.*, registry.model_name.",
+    )
+    register.add_argument("--train-dir", default="data/train", help="(default: %(default)s)")
+    register.add_argument("--model", default="data/model/model.pt", help="(default: %(default)s)")
+    register.add_argument("--eval", default="data/eval", help="evaluate's folder (default: %(default)s)")
+    register.add_argument("--parquet", default="data/parquet", help="(default: %(default)s)")
+    register.add_argument("--out", default="data/register", help="(default: %(default)s)")
+    register.set_defaults(run=_register)
+
+    promote = commands.add_parser(
+        "promote",
+        help="move alias champion to a version only if it beats the champion on the same faces",
+        description="Compares the candidate (--version, default: alias challenger) with the champion: same "
+        "test data, lower test NME, no subset worse by more than registry.max_subset_regression, and (when "
+        "registry.require_significant) a paired-bootstrap interval of per-face NME differences below zero. "
+        "Prints the comparison; exit code 1 when refused.",
+    )
+    promote.add_argument("--version", help="the candidate version (default: alias challenger)")
+    promote.add_argument("--force", action="store_true", help="move champion even if the gate refuses")
+    promote.add_argument("--reason", help="why (required with --force; recorded on the versions)")
+    promote.set_defaults(run=_promote)
+
+    rollback = commands.add_parser("rollback", help="move alias champion back to the previous champion")
+    rollback.add_argument("--reason", help="why (recorded on the versions)")
+    rollback.set_defaults(run=_rollback)
+
+    models = commands.add_parser(
+        "models", help="registered versions: aliases, metrics, data source, champion history"
+    )
+    models.set_defaults(run=_models)
+
     commands.add_parser(
         "bench",
         add_help=False,
         help="benchmarks: loader, train-step, epoch, start, precision (see `wflw bench --help`)",
     )
 
-    for sub in (fetch, convert, train, evaluate, preview):
+    for sub in (fetch, convert, train, evaluate, preview, register, promote, rollback, models):
         add_params_options(sub)
     return parser
 
@@ -172,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(params, args)
     except PipelineError as err:
         logger.error("%s", err)
-        return 2
+        return getattr(err, "exit_code", 2)
     return 0
 
 

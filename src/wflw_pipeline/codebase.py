@@ -1,9 +1,10 @@
 """The package's own source files that a stage runs, found from the import statements (AST, no import).
 
-`wflw <stage>` runs cli.py's module-level code and the handler `_<stage>`; from there every module it
-imports, anywhere in the module (lazy imports inside functions included), is followed through the
-package. dvc.yaml's deps of a stage are exactly these files (a test checks), and train puts their
-digest into the resume key, so a checkpoint written by other code is never continued.
+`wflw <stage>` runs cli.py's module-level code and the handler `_<stage>` (with the cli functions it
+calls); from there every module it imports, anywhere in the module (lazy imports inside functions
+included), is followed through the package. dvc.yaml's deps of a stage are exactly these files (a test
+checks), and train puts their digest into the resume key, so a checkpoint written by other code is never
+continued.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 PACKAGE = __name__.rpartition(".")[0]
 ROOT = Path(__file__).resolve().parent
+RUN_AS_FILES = {f"{PACKAGE}.tracking.pyfunc": (f"{PACKAGE}.tracking.model_code",)}
+"""Modules that hand another package file to a tool that runs it (MLflow's models-from-code script)."""
 
 
 def module_path(name: str) -> Path:
@@ -69,16 +72,30 @@ def closure(modules: Iterable[str]) -> set[str]:
             continue
         seen.add(name)
         tree = ast.parse(module_path(name).read_text(), filename=str(module_path(name)))
-        todo += [*_imports(ast.walk(tree), name), *_parents(name)]
+        todo += [*_imports(ast.walk(tree), name), *_parents(name), *RUN_AS_FILES.get(name, ())]
     return seen
 
 
 def entry_imports(module: str, function: str) -> set[str]:
-    """What running `function` of `module` imports: its module-level imports and its own body's."""
+    """What running `function` of `module` imports: the module-level imports, its body's, and the bodies'
+    of the module's functions it calls (transitively)."""
     tree = ast.parse(module_path(module).read_text())
     top = [node for node in tree.body if isinstance(node, ast.Import | ast.ImportFrom)]
-    (handler,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
-    return _imports([*top, *ast.walk(handler)], module) | _parents(module)
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    todo, seen = [function], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        calls = (
+            n.func.id
+            for n in ast.walk(functions[name])
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+        )
+        todo += [called for called in calls if called in functions]
+    bodies = [node for name in seen for node in ast.walk(functions[name])]
+    return _imports([*top, *bodies], module) | _parents(module)
 
 
 def stage_sources(stage: str) -> list[Path]:

@@ -1,0 +1,124 @@
+"""The tracking server: which one, the experiment, and calls that retry, then fail in one clear line."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from ..errors import PipelineError
+from ..params import TrackingParams
+from ..provenance import project_root
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Marks the experiment as model training, so that MLflow 3's UI opens on its runs."""
+BATCH = 100
+"""MLflow takes at most 100 params or tags per log_batch call."""
+
+
+class TrackingError(PipelineError):
+    """The tracking server cannot be reached or refuses a call (one line: what, where, why)."""
+
+
+def tracking_uri(config: TrackingParams) -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else the embedded default: the project's sqlite:///mlflow.db."""
+    return config.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """mlartifacts/ next to a local database; None lets a tracking server choose (its proxied storage)."""
+    return (project_root() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+
+
+def _short(err: BaseException) -> str:
+    """An exception as one short line (MLflow's messages can span many lines)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:240]}"
+
+
+@dataclass
+class Tracking:
+    """An MLflow client on one tracking URI whose calls retry `retries` times with a short backoff."""
+
+    client: MlflowClient
+    uri: str
+    retries: int
+
+    def call(self, what: str, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """fn(*args, **kwargs), retried; TrackingError naming `what` and the server once every try failed."""
+        for attempt in range(self.retries):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # MLflow raises many types for a server that is down or refuses
+                if attempt + 1 == self.retries:
+                    raise TrackingError(
+                        f"MLflow at {self.uri}: could not {what} after {self.retries} tries ({_short(err)})"
+                    ) from err
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: Sequence[Metric] = (),
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Metrics, params and tags in as few calls as MLflow's batch limits allow."""
+        items: list[Metric | Param | RunTag] = [
+            *metrics,
+            *(Param(k, v) for k, v in (params or {}).items()),
+            *(RunTag(k, v) for k, v in (tags or {}).items()),
+        ]
+        for chunk in _chunks(items, BATCH):
+            self.call(
+                "log to the run",
+                self.client.log_batch,
+                run_id,
+                metrics=[m for m in chunk if isinstance(m, Metric)],
+                params=[p for p in chunk if isinstance(p, Param)],
+                tags=[t for t in chunk if isinstance(t, RunTag)],
+            )
+
+
+def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def connect(config: TrackingParams) -> Tracking:
+    """A client on the configured server; HTTP calls time out after tracking.timeout_s and are retried by us.
+
+    MLflow's own HTTP retries back off for minutes against a server that is down, so they are turned
+    off here unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES; `Tracking.call` retries instead.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(math.ceil(config.timeout_s)))
+    uri = tracking_uri(config)
+    return Tracking(MlflowClient(tracking_uri=uri, registry_uri=uri), uri, config.retries)
+
+
+def experiment_id(tracking: Tracking, name: str) -> str:
+    """The experiment `name`, created (tagged as model training) when it does not exist yet."""
+    client = tracking.client
+    experiment = tracking.call("look up the experiment", client.get_experiment_by_name, name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = default_artifact_location(tracking.uri)
+    created = tracking.call(
+        "create the experiment", client.create_experiment, name, location, tags=EXPERIMENT_KIND
+    )
+    logger.info("MLflow: created experiment %r at %s", name, tracking.uri)
+    return created

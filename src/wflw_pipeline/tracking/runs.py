@@ -1,0 +1,222 @@
+"""The MLflow run of a pipeline run: opened by train, fed each epoch live, completed by register.
+
+Train opens the run before the first epoch (params, tags, the data as a dataset input) and writes its id
+to `mlflow_run.json`, a DVC output of train. Each epoch's history row is logged as it ends (step =
+epoch). Nothing here may stop training: a call that still fails after `tracking.retries` tries is
+warned about, and later epochs are not logged live; history.csv, which train writes anyway, is
+logged at the end instead, or by register when the server is back.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, RunStatus
+
+from .. import fileio, provenance
+from ..contract import data_identity
+from ..params import Params
+from ..runtime import Distributed, resolve_device
+from . import RUN_REF, untracked
+from .client import Tracking, TrackingError, connect, experiment_id
+
+logger = logging.getLogger(__name__)
+
+CURVES = {"train_loss": "train_loss", "val_nme": "val_nme", "lr": "lr", "images_per_s": "images_per_s"}
+"""history.csv column -> the MLflow metric logged with step = epoch."""
+TRAIN_SUMMARY = {
+    "selected_epoch": "selected_epoch",
+    "val_nme": "nme_val_selected",
+    "baseline_val_nme": "nme_val_mean_shape",
+    "train_seconds": "train_seconds",
+    "images_per_s": "train_images_per_s_median",
+}
+"""train metrics.json key -> the MLflow metric (logged once)."""
+
+
+def run_tags(params: Params, identity: dict[str, Any]) -> dict[str, str]:
+    """Tags a run gets at its start: provenance, data, device and torch version."""
+    device = resolve_device(params.train.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        **provenance.git_tags(provenance.project_root()),
+        **provenance.caller_tags(),
+        **provenance.data_tags(identity),
+        "device": device.type,
+        "device.name": name,
+        "torch.version": torch.__version__,
+    }
+
+
+def dataset_input(params: Params, identity: dict[str, Any], train_split: Path) -> DatasetInput:
+    """The data as an MLflow dataset: name, where it came from, digest of both archive SHA-256s.
+
+    The source is the official URL (wflw), the user's archive (local), or the train split's Parquet
+    file (synthetic: generated, so the file trained on is the most useful pointer).
+    """
+    source = params.data.source
+    if source == "wflw":
+        uri = params.data.wflw.images_url
+    elif source == "local":
+        uri = Path(str(params.data.local.images_archive)).expanduser().resolve().as_uri()
+    else:
+        uri = train_split.resolve().as_uri()
+    dataset = MetaDataset(
+        resolve_dataset_source(uri), name=f"wflw-{source}", digest=provenance.data_digest(identity)
+    )
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+
+
+def start_run(tracking: Tracking, params: Params, train_split: Path) -> str:
+    """A new run with every param, the start tags and the dataset input; returns its id."""
+    identity = data_identity(train_split)
+    experiment = experiment_id(tracking, params.tracking.experiment)
+    run = tracking.call(
+        "create a run",
+        tracking.client.create_run,
+        experiment,
+        run_name=provenance.run_name(params),
+        tags=run_tags(params, identity),
+    )
+    run_id = run.info.run_id
+    tracking.log_batch(run_id, params=provenance.flatten(params.to_dict()))
+    dataset = dataset_input(params, identity, train_split)
+    tracking.call("log the dataset", tracking.client.log_inputs, run_id, datasets=[dataset])
+    return run_id
+
+
+def epoch_metrics(row: dict[str, Any], timestamp: int | None = None) -> list[Metric]:
+    """One history row as metrics at step = epoch (an empty val_nme is skipped)."""
+    stamp = timestamp if timestamp is not None else int(time.time() * 1000)
+    step = int(row["epoch"])
+    return [
+        Metric(name, float(row[column]), stamp, step)
+        for column, name in CURVES.items()
+        if row.get(column) not in (None, "")
+    ]
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """history.csv rows (strings; an empty val_nme where there was no val split)."""
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def log_training(tracking: Tracking, run_id: str, history: Path, train_metrics: Path) -> None:
+    """Every epoch of history.csv (step = epoch), train's summary metrics, and both files as artifacts."""
+    rows = read_history(history)
+    curves = [metric for row in rows for metric in epoch_metrics(row)]
+    summary = json.loads(train_metrics.read_text())
+    stamp = int(time.time() * 1000)
+    totals = [
+        Metric(name, float(summary[key]), stamp, 0)
+        for key, name in TRAIN_SUMMARY.items()
+        if summary.get(key) is not None
+    ]
+    tracking.log_batch(run_id, metrics=[*curves, *totals])
+    for path in (history, train_metrics):
+        tracking.call(f"upload {path.name}", tracking.client.log_artifact, run_id, str(path), "training")
+
+
+class TrainTracker:
+    """Live tracking of one training; every failure becomes a warning, never an exception."""
+
+    def __init__(self, tracking: Tracking | None, run_id: str | None) -> None:
+        self.tracking = tracking
+        self.run_id = run_id
+        self.live = run_id is not None
+
+    @classmethod
+    def start(cls, params: Params, parquet_dir: Path, ref: Path) -> TrainTracker:
+        """Open the run (or warn and go on without one) and write its id to `ref`."""
+        try:
+            tracking = connect(params.tracking)
+            _supersede(tracking, ref)
+            run_id = start_run(tracking, params, parquet_dir / "train.parquet")
+        except TrackingError as err:
+            logger.warning("%s: training goes on untracked; `wflw register` will track it", err)
+            fileio.write_json(ref, untracked(str(err)))
+            return cls(None, None)
+        fileio.write_json(
+            ref,
+            {"run_id": run_id, "tracking_uri": tracking.uri, "experiment": params.tracking.experiment},
+        )
+        logger.info("MLflow: run %s at %s", run_id, tracking.uri)
+        return cls(tracking, run_id)
+
+    def on_epoch_end(self, row: dict[str, Any]) -> None:
+        """Log one epoch's curves; after a failure, stop logging live (finish logs the history)."""
+        if not self.live or self.tracking is None or self.run_id is None:
+            return
+        try:
+            self.tracking.log_batch(self.run_id, metrics=epoch_metrics(row))
+        except TrackingError as err:
+            self.live = False
+            logger.warning("%s: not logging curves live any more; history.csv is logged at the end", err)
+
+    def finish(self, history: Path, train_metrics: Path) -> None:
+        """Log the whole history and train's metrics, and close the run as finished."""
+        self._close(
+            lambda tracking, run_id: log_training(tracking, run_id, history, train_metrics), "FINISHED"
+        )
+
+    def fail(self, status: str) -> None:
+        """Close the run as FAILED or KILLED."""
+        self._close(lambda tracking, run_id: None, status)
+
+    def _close(self, log: Callable[[Tracking, str], None], status: str) -> None:
+        if self.tracking is None or self.run_id is None:
+            return
+        try:
+            log(self.tracking, self.run_id)
+            self.tracking.log_batch(self.run_id, tags={"wflw.stage": "trained"})
+            self.tracking.call("close the run", self.tracking.client.set_terminated, self.run_id, status)
+        except TrackingError as err:
+            logger.warning("%s: `wflw register` will complete the run", err)
+
+
+def _supersede(tracking: Tracking, ref: Path) -> None:
+    """A run left RUNNING by a killed training (same ref file) is marked KILLED."""
+    try:
+        previous = json.loads(ref.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not previous:
+        return
+    try:
+        run = tracking.client.get_run(previous)
+    except Exception:  # another server, a wiped database: nothing to close
+        return
+    if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+        tracking.call("close the interrupted run", tracking.client.set_terminated, previous, "KILLED")
+        logger.info("MLflow: run %s of an interrupted training marked KILLED", previous)
+
+
+@contextmanager
+def tracked_training(
+    params: Params, parquet_dir: Path, train_dir: Path
+) -> Iterator[Callable[[dict[str, Any]], None] | None]:
+    """Around `run_train`: yields its on_epoch_end callback (None on ranks other than 0)."""
+    if not Distributed.from_env().main:
+        yield None
+        return
+    tracker = TrainTracker.start(params, parquet_dir, train_dir / RUN_REF)
+    try:
+        yield tracker.on_epoch_end
+    except KeyboardInterrupt:
+        tracker.fail("KILLED")
+        raise
+    except BaseException:
+        tracker.fail("FAILED")
+        raise
+    tracker.finish(train_dir / "history.csv", train_dir / "metrics.json")

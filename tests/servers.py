@@ -66,7 +66,7 @@ def postgres(root: Path) -> Iterator[str]:
     yields its SQLAlchemy URL. Its data and log lie in a new dir under `root`; when running as root (the
     binaries then run as the `postgres` user, which cannot enter pytest's 0700 tmp dirs) in one under the
     system temp dir instead, removed on exit, its log copied to `root`."""
-    import psycopg2
+    import psycopg
 
     bindir = _pg_bindir()
     as_root = os.geteuid() == 0
@@ -107,14 +107,12 @@ def postgres(root: Path) -> Iterator[str]:
         except subprocess.CalledProcessError as exc:
             failed = f"{Path(exc.cmd[0]).name} failed ({exc.returncode}): {exc.stdout}{exc.stderr}"
             raise RuntimeError(f"{failed}\n{_log_tail(log)}") from exc
-        with contextlib.closing(
-            psycopg2.connect(host=HOST, port=port, user=PG_USER, dbname="postgres", connect_timeout=10)
+        # autocommit: CREATE DATABASE cannot run inside a transaction
+        with psycopg.connect(
+            host=HOST, port=port, user=PG_USER, dbname="postgres", connect_timeout=10, autocommit=True
         ) as conn:
-            conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
-            with conn.cursor() as cur:
-                cur.execute(f"CREATE DATABASE {PG_DATABASE}")
-        # The driver named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, not the locked psycopg2.
-        yield f"postgresql+psycopg2://{PG_USER}@{HOST}:{port}/{PG_DATABASE}"
+            conn.execute(f"CREATE DATABASE {PG_DATABASE}")
+        yield f"postgresql://{PG_USER}@{HOST}:{port}/{PG_DATABASE}"
     finally:
         try:
             if started:

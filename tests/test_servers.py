@@ -38,7 +38,7 @@ def test_mlflow_server_on_postgres_with_proxied_artifacts(tmp_path, monkeypatch)
 
     with pytest.raises(_Boom), postgres(tmp_path) as db, mlflow_server(db, artifacts) as url:
         ports = [urlsplit(db).port, urlsplit(url).port]
-        assert db.startswith("postgresql+psycopg2://") and url.startswith(f"http://{HOST}:")
+        assert db.startswith("postgresql://") and url.startswith(f"http://{HOST}:")
         client = MlflowClient(tracking_uri=url, registry_uri=url)
 
         experiment_id = client.create_experiment("servers")

@@ -32,8 +32,16 @@ class TrackingError(PipelineError):
 
 
 def tracking_uri(config: TrackingParams) -> str:
-    """tracking.uri, else $MLFLOW_TRACKING_URI, else the embedded default: the project's sqlite:///mlflow.db."""
-    return config.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else the embedded default: the project's sqlite:///mlflow.db.
+
+    A relative SQLite path is made absolute against the project root: `dvc exp run` may run a stage in
+    a temporary copy, and MLflow caches a store per URI string within a process.
+    """
+    uri = config.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(f"{prefix}/") and uri != f"{prefix}:memory:":
+        return f"{prefix}{project_root() / uri.removeprefix(prefix)}"
+    return uri
 
 
 def default_artifact_location(uri: str) -> str | None:

@@ -198,4 +198,3 @@ def _version(
 def _register(tracking: Tracking, model_uri: str, name: str, tags: dict[str, str]) -> Any:
     mlflow.set_registry_uri(tracking.uri)
     return mlflow.register_model(model_uri, name, tags=tags)
-

@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,9 +72,10 @@ def dataset_input(params: Params, identity: dict[str, Any], train_split: Path) -
         uri = Path(str(params.data.local.images_archive)).expanduser().resolve().as_uri()
     else:
         uri = train_split.resolve().as_uri()
-    dataset = MetaDataset(
-        resolve_dataset_source(uri), name=f"wflw-{source}", digest=provenance.data_digest(identity)
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "file:" resolves to LocalArtifactDatasetSource twice
+        resolved = resolve_dataset_source(uri)
+    dataset = MetaDataset(resolved, name=f"wflw-{source}", digest=provenance.data_digest(identity))
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
 
@@ -112,9 +114,11 @@ def read_history(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(file))
 
 
-def log_training(tracking: Tracking, run_id: str, history: Path, train_metrics: Path) -> None:
-    """Every epoch of history.csv (step = epoch), train's summary metrics, and both files as artifacts."""
-    rows = read_history(history)
+def log_training(
+    tracking: Tracking, run_id: str, history: Path, train_metrics: Path, logged: frozenset[int] = frozenset()
+) -> None:
+    """The epochs of history.csv not `logged` yet (step = epoch), train's summary metrics, both files."""
+    rows = [row for row in read_history(history) if int(row["epoch"]) not in logged]
     curves = [metric for row in rows for metric in epoch_metrics(row)]
     summary = json.loads(train_metrics.read_text())
     stamp = int(time.time() * 1000)
@@ -135,6 +139,7 @@ class TrainTracker:
         self.tracking = tracking
         self.run_id = run_id
         self.live = run_id is not None
+        self.logged: set[int] = set()
 
     @classmethod
     def start(cls, params: Params, parquet_dir: Path, ref: Path) -> TrainTracker:
@@ -160,6 +165,7 @@ class TrainTracker:
             return
         try:
             self.tracking.log_batch(self.run_id, metrics=epoch_metrics(row))
+            self.logged.add(int(row["epoch"]))
         except TrackingError as err:
             self.live = False
             logger.warning("%s: not logging curves live any more; history.csv is logged at the end", err)
@@ -167,7 +173,10 @@ class TrainTracker:
     def finish(self, history: Path, train_metrics: Path) -> None:
         """Log the whole history and train's metrics, and close the run as finished."""
         self._close(
-            lambda tracking, run_id: log_training(tracking, run_id, history, train_metrics), "FINISHED"
+            lambda tracking, run_id: log_training(
+                tracking, run_id, history, train_metrics, frozenset(self.logged)
+            ),
+            "FINISHED",
         )
 
     def fail(self, status: str) -> None:

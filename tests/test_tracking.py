@@ -14,54 +14,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import PARAMS_YAML, tiny_parquet
+from helpers import tiny_parquet
 from mlflow.tracking import MlflowClient
+from pipeline_cli import evaluate, params_file, register, registered, train, wflw
 from servers import free_port
 
-from wflw_pipeline import cli, provenance
+from wflw_pipeline import provenance
 from wflw_pipeline.contract import data_identity
 from wflw_pipeline.params import load_params
 
-EPOCHS = 2
 SUBSET_METRICS = ("nme_test", "nme_pose", "nme_expression", "nme_illumination", "nme_makeup", "nme_occlusion")
-
-
-def _params_file(root: Path, **tracking: object) -> Path:
-    """params.yaml for a tiny CPU run, tracking into ./mlflow.db unless `tracking` says otherwise."""
-    data = yaml.safe_load(PARAMS_YAML.read_text())
-    data["model"].update(arch="resnet18", input_size=32)
-    data["train"].update(epochs=EPOCHS, batch_size=4, warmup_iters=1, device="cpu", threads=1)
-    data["evaluate"].update(device="cpu", batch_size=16)
-    data["tracking"].update(uri="sqlite:///mlflow.db", experiment="tests", retries=1, timeout_s=2)
-    data["tracking"].update(tracking)
-    data["registry"].update(model_name="m", bootstrap_samples=1000)
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def _wflw(root: Path, *args: str) -> int:
-    return cli.main([*args, "--params", str(root / "params.yaml")])
-
-
-def _train(root: Path) -> None:
-    assert _wflw(root, "train", "--parquet", f"{root}/parquet", "--model-dir", f"{root}/model",
-                 "--train-dir", f"{root}/train") == 0  # fmt: skip
-
-
-def _evaluate(root: Path) -> None:
-    assert _wflw(root, "evaluate", "--checkpoint", f"{root}/model/model.pt", "--parquet", f"{root}/parquet",
-                 "--out", f"{root}/eval") == 0  # fmt: skip
-
-
-def _register(root: Path, eval_dir: str = "eval", parquet: str = "parquet") -> int:
-    return _wflw(root, "register", "--train-dir", f"{root}/train", "--model", f"{root}/model/model.pt",
-                 "--eval", f"{root}/{eval_dir}", "--parquet", f"{root}/{parquet}",
-                 "--out", f"{root}/register")  # fmt: skip
-
-
-def _registered(root: Path) -> dict:
-    return json.loads((root / "register" / "registered.json").read_text())
 
 
 def _git_repo(root: Path) -> None:
@@ -76,12 +38,12 @@ def trained(tmp_path_factory) -> Path:
     """A tiny converted, trained and evaluated pipeline in git, tracked into its own SQLite store."""
     root = tmp_path_factory.mktemp("pipeline")
     tiny_parquet(root, test=8)
-    _params_file(root)
+    params_file(root)
     _git_repo(root)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        _train(root)
-        _evaluate(root)
+        train(root)
+        evaluate(root)
     return root
 
 
@@ -106,7 +68,7 @@ def _runs(root: Path) -> list:
 
 
 def test_a_pipeline_run_is_one_complete_mlflow_run(pipeline):
-    assert _register(pipeline) == 0
+    assert register(pipeline) == 0
     (run,) = _runs(pipeline)
     client = _client(pipeline)
     params = load_params(pipeline / "params.yaml")
@@ -152,23 +114,23 @@ def test_a_pipeline_run_is_one_complete_mlflow_run(pipeline):
     assert float(version.tags["nme_test"]) == pytest.approx(evaluation["test"]["nme"], rel=1e-5)
     assert version.tags["data.images_sha256"] == tags["data.images_sha256"]
     assert json.loads(version.tags["data.identity"]) == data_identity(pipeline / "parquet" / "test.parquet")
-    assert _registered(pipeline)["version"] == "1"
+    assert registered(pipeline)["version"] == "1"
 
 
 def test_register_again_creates_no_run_and_no_version(pipeline):
-    assert _register(pipeline) == 0
-    assert _register(pipeline) == 0
+    assert register(pipeline) == 0
+    assert register(pipeline) == 0
     assert len(_runs(pipeline)) == 1
     assert len(_client(pipeline).search_model_versions("name = 'm'")) == 1
 
 
 def test_a_new_evaluation_of_a_cached_training_is_a_new_complete_run(pipeline):
-    assert _register(pipeline) == 0
+    assert register(pipeline) == 0
     params = yaml.safe_load((pipeline / "params.yaml").read_text())
     params["evaluate"]["flip_test"] = False
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _evaluate(pipeline)
-    assert _register(pipeline) == 0
+    evaluate(pipeline)
+    assert register(pipeline) == 0
     first, second = _runs(pipeline)
     assert second.data.tags["wflw.trained_in_run"] == first.info.run_id
     client = _client(pipeline)
@@ -180,7 +142,7 @@ def test_a_new_evaluation_of_a_cached_training_is_a_new_complete_run(pipeline):
 
 def test_tracking_disabled_imports_no_mlflow(tmp_path):
     tiny_parquet(tmp_path, test=8)
-    _params_file(tmp_path, enabled=False)
+    params_file(tmp_path, enabled=False)
     script = (
         "import sys\nfrom wflw_pipeline import cli\n"
         f"p = ['--params', {str(tmp_path / 'params.yaml')!r}]\n"
@@ -199,19 +161,19 @@ def test_server_down_training_finishes_register_fails_then_rebuilds(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     tiny_parquet(tmp_path, test=8)
     down = f"http://127.0.0.1:{free_port()}"
-    _params_file(tmp_path, uri=down)
+    params_file(tmp_path, uri=down)
     with caplog.at_level(logging.WARNING):
-        _train(tmp_path)
+        train(tmp_path)
     assert (tmp_path / "model" / "model.pt").is_file() and (tmp_path / "train" / "history.csv").is_file()
     assert json.loads((tmp_path / "train" / "mlflow_run.json").read_text())["run_id"] is None
     assert "training goes on untracked" in caplog.text
-    _evaluate(tmp_path)
+    evaluate(tmp_path)
     caplog.clear()
-    assert _register(tmp_path) == 2
+    assert register(tmp_path) == 2
     (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert down in error.getMessage() and "\n" not in error.getMessage()
-    _params_file(tmp_path)
-    assert _register(tmp_path) == 0
+    params_file(tmp_path)
+    assert register(tmp_path) == 0
     (run,) = _runs(tmp_path)
     assert run.data.tags["wflw.rebuilt"] == "true"
     steps = [m.step for m in _client(tmp_path).get_metric_history(run.info.run_id, "val_nme")]
@@ -220,7 +182,7 @@ def test_server_down_training_finishes_register_fails_then_rebuilds(tmp_path, mo
 
 def test_a_corrupt_model_fails_register_in_one_line(pipeline, caplog):
     (pipeline / "model" / "model.pt").write_bytes(b"not a checkpoint")
-    assert _register(pipeline) == 2
+    assert register(pipeline) == 2
     (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "model.pt" in error.getMessage() and "cannot read a trained model" in error.getMessage()
 
@@ -243,34 +205,34 @@ def _variant(root: Path, name: str, delta: float) -> str:
 
 
 def test_promotion_gate_force_and_rollback(pipeline, capsys):
-    assert _register(pipeline) == 0
-    assert _wflw(pipeline, "promote") == 0
+    assert register(pipeline) == 0
+    assert wflw(pipeline, "promote") == 0
     assert "champion -> version 1 (first)" in capsys.readouterr().out
-    assert _register(pipeline, _variant(pipeline, "better", -1.0)) == 0
-    assert _wflw(pipeline, "promote") == 0
+    assert register(pipeline, _variant(pipeline, "better", -1.0)) == 0
+    assert wflw(pipeline, "promote") == 0
     out = capsys.readouterr().out
     assert "PROMOTE" in out and "champion -> version 2 (promote)" in out and "v1" in out
-    assert _register(pipeline, _variant(pipeline, "worse", +1.0)) == 0
-    assert _wflw(pipeline, "promote", "--version", "3") == 1
+    assert register(pipeline, _variant(pipeline, "worse", +1.0)) == 0
+    assert wflw(pipeline, "promote", "--version", "3") == 1
     out = capsys.readouterr().out
     assert "REFUSE" in out and "nme_blur" in out and "v3" in out
     other = pipeline / "other"
     tiny_parquet(other, test=9)
-    assert _register(pipeline, _variant(pipeline, "other_eval", -2.0), parquet="other/parquet") == 0
-    assert _wflw(pipeline, "promote", "--version", "4") != 0
+    assert register(pipeline, _variant(pipeline, "other_eval", -2.0), parquet="other/parquet") == 0
+    assert wflw(pipeline, "promote", "--version", "4") != 0
     assert "other test data" in capsys.readouterr().out
     client = _client(pipeline)
     assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
-    assert _wflw(pipeline, "promote", "--version", "3", "--force") == 2
-    assert _wflw(pipeline, "promote", "--version", "3", "--force", "--reason", "hotfix for demo") == 0
+    assert wflw(pipeline, "promote", "--version", "3", "--force") == 2
+    assert wflw(pipeline, "promote", "--version", "3", "--force", "--reason", "hotfix for demo") == 0
     assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
     forced = client.get_model_version("m", "3").tags
     assert forced["wflw.promotion_reason"] == "hotfix for demo" and forced["wflw.promoted_from"] == "2"
     assert client.get_model_version("m", "2").tags["wflw.demoted_by"] == "3"
-    assert _wflw(pipeline, "rollback") == 0
+    assert wflw(pipeline, "rollback") == 0
     assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
     capsys.readouterr()
-    assert _wflw(pipeline, "models") == 0
+    assert wflw(pipeline, "models") == 0
     listing = capsys.readouterr().out
     rows = listing.splitlines()[2:6]
     assert [row.split()[:2] for row in rows] == [

@@ -16,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,10 +163,26 @@ def _complete(
     return model_uri
 
 
+@contextmanager
+def _fluent(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (log_model, register_model) on `uri`; the process's URIs are restored after."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _log_model(tracking: Tracking, run_id: str, model: Path) -> str:
-    mlflow.set_tracking_uri(tracking.uri)
-    mlflow.set_registry_uri(tracking.uri)
-    with mlflow.start_run(run_id=run_id):
+    with _fluent(tracking.uri), mlflow.start_run(run_id=run_id):
         return log_landmark_model(model).model_uri
 
 
@@ -196,5 +215,5 @@ def _version(
 
 
 def _register(tracking: Tracking, model_uri: str, name: str, tags: dict[str, str]) -> Any:
-    mlflow.set_registry_uri(tracking.uri)
-    return mlflow.register_model(model_uri, name, tags=tags)
+    with _fluent(tracking.uri):
+        return mlflow.register_model(model_uri, name, tags=tags)

@@ -54,6 +54,7 @@ CLI=("$PY" -m wflw_pipeline.cli)
 FAILED=()
 START=$SECONDS
 
+# PIPELINE sets tracking.enabled=false: the GPU box has the torch stack only, no MLflow
 if [[ "$SMOKE" == 1 ]]; then
     STEP_ARGS=(--arch resnet18 --input-size 64 --batch-size 8 --steps 2 --warmup 1 --repeats 2 --compile off)
     EPOCH_ARGS=(--arch resnet18 --faces 32 --batch-size 8 --epochs 2 --crop-size 96 --input-size 64 --compile off)
@@ -61,7 +62,7 @@ if [[ "$SMOKE" == 1 ]]; then
                  --max-image-size 400 --crop-size 96 --input-size 64)
     PIPELINE=(data.synthetic.train_faces=48 data.synthetic.test_faces=24 data.synthetic.max_image_size=400
               convert.crop_size=48 model.input_size=32 train.epochs=2 train.batch_size=8 train.warmup_iters=2
-              train.milestones=[10] evaluate.batch_size=16)
+              train.milestones=[10] evaluate.batch_size=16 tracking.enabled=false)
     # compile off: the cold/warm compile on the CPU is a slow test of its own (tests/test_bench_start.py)
     START_ARGS=(--arch resnet18 --input-size 32 --batch-size 4 --faces 8 --crop-size 48 --steps 3 --compile off)
     LIMITS=(60 60 60 120 90)
@@ -73,7 +74,7 @@ else
     LOADER_ARGS=(--faces 512 --batch-size 64 --batches 100 --warmup 10 --repeats 3)
     # The embedded default (ResNet-18, 64 px crops of 96) on 3,000 synthetic faces, 20 epochs: a
     # real training through the same commands DVC runs, with bf16/channels_last/fused Adam on the GPU.
-    PIPELINE=(data.synthetic.train_faces=3000 data.synthetic.test_faces=500 train.epochs=20)
+    PIPELINE=(data.synthetic.train_faces=3000 data.synthetic.test_faces=500 train.epochs=20 tracking.enabled=false)
     # the sizes are bench start's CUDA defaults, spelled out: the reference config
     START_ARGS=(--arch resnet50 --input-size 256 --batch-size 512 --faces 7500 --crop-size 384 --steps 40
                 --precision bf16 --channels-last --compile on)

@@ -114,6 +114,7 @@ def connect(config: TrackingParams) -> Tracking:
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(math.ceil(config.timeout_s)))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(config)
     return Tracking(MlflowClient(tracking_uri=uri, registry_uri=uri), uri, config.retries)
 

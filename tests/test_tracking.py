@@ -242,3 +242,16 @@ def test_promotion_gate_force_and_rollback(pipeline, capsys):
         ["4", "challenger"],
     ]
     assert "force" in listing and "rollback" in listing and "hotfix for demo" in listing
+
+
+def test_missing_inputs_fail_in_one_line_and_a_missing_run_id_rebuilds_the_run(pipeline, caplog):
+    per_face = pipeline / "eval" / "per_face.parquet"
+    per_face.rename(pipeline / "per_face.parquet")
+    assert register(pipeline) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error == f"{per_face} not found: run `wflw evaluate` (or `dvc repro`) first"
+    (pipeline / "per_face.parquet").rename(per_face)
+    (pipeline / "train" / "mlflow_run.json").unlink()
+    assert register(pipeline) == 0
+    assert registered(pipeline)["run_origin"] == "rebuilt from the DVC outputs"
+    assert len(_runs(pipeline)) == 2

@@ -28,6 +28,7 @@ from mlflow.entities import Metric
 
 from .. import fileio, provenance, wflw
 from ..contract import data_identity
+from ..errors import PipelineError
 from ..model import load_trained
 from ..params import Params
 from . import RUN_REF
@@ -76,10 +77,39 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+class RegisterError(PipelineError):
+    """An output of train or evaluate that register needs is missing (names it and the stage to run)."""
+
+
+def _check_inputs(inputs: RegisterInputs) -> None:
+    """Every file register reads exists, and model.pt is a model `wflw train` wrote (clear errors)."""
+    needed = {
+        inputs.train_dir / "history.csv": "train",
+        inputs.train_dir / "metrics.json": "train",
+        inputs.eval_dir / "metrics.json": "evaluate",
+        inputs.eval_dir / "per_face.parquet": "evaluate",
+        inputs.parquet_dir / "train.parquet": "convert",
+        inputs.parquet_dir / "test.parquet": "convert",
+    }
+    for path, stage in needed.items():
+        if not path.is_file():
+            raise RegisterError(f"{path} not found: run `wflw {stage}` (or `dvc repro`) first")
+    load_trained(inputs.model)
+
+
+def _train_run_id(path: Path) -> str | None:
+    """The run id train wrote to mlflow_run.json; None when it opened none or the file is missing."""
+    try:
+        return json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        logger.warning("%s missing or unreadable: the run is rebuilt from the DVC outputs", path)
+        return None
+
+
 def run_register(params: Params, inputs: RegisterInputs, out_dir: Path) -> dict[str, Any]:
     """Complete the run, log the model, register a version, alias it `challenger`; write registered.json."""
     out = out_dir / "registered.json"
-    load_trained(inputs.model)
+    _check_inputs(inputs)
     evaluation_path = inputs.eval_dir / "metrics.json"
     evaluation = json.loads(evaluation_path.read_text())
     digest = hashlib.sha256(evaluation_path.read_bytes()).hexdigest()[:16]
@@ -115,11 +145,11 @@ def run_register(params: Params, inputs: RegisterInputs, out_dir: Path) -> dict[
 
 def _pipeline_run(tracking: Tracking, params: Params, inputs: RegisterInputs, digest: str) -> tuple[str, str]:
     """(run id, how it was found): train's run, or a new one (train cached, or the run is not here)."""
-    ref = json.loads((inputs.train_dir / RUN_REF).read_text())
+    train_run = _train_run_id(inputs.train_dir / RUN_REF)
     run = None
-    if ref.get("run_id"):
+    if train_run:
         try:
-            run = tracking.client.get_run(ref["run_id"])
+            run = tracking.client.get_run(train_run)
         except Exception:  # not on this server (another server, a wiped database)
             run = None
     if run is not None and run.data.tags.get("wflw.evaluation") in (None, digest):

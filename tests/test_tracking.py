@@ -178,6 +178,9 @@ def test_server_down_training_finishes_register_fails_then_rebuilds(tmp_path, mo
     assert run.data.tags["wflw.rebuilt"] == "true"
     steps = [m.step for m in _client(tmp_path).get_metric_history(run.info.run_id, "val_nme")]
     assert steps == [1, 2]
+    assert register(tmp_path) == 0  # the rebuilt run is found again: no second run, no second version
+    assert registered(tmp_path)["run_origin"] == "completed before with these outputs"
+    assert len(_runs(tmp_path)) == 1 and len(_client(tmp_path).search_model_versions("name = 'm'")) == 1
 
 
 def test_a_corrupt_model_fails_register_in_one_line(pipeline, caplog):

@@ -112,12 +112,12 @@ def run_register(params: Params, inputs: RegisterInputs, out_dir: Path) -> dict[
     _check_inputs(inputs)
     evaluation_path = inputs.eval_dir / "metrics.json"
     evaluation = json.loads(evaluation_path.read_text())
-    digest = hashlib.sha256(evaluation_path.read_bytes()).hexdigest()[:16]
+    outputs = {"wflw.evaluation": _sha256(evaluation_path), "wflw.model_sha256": _sha256(inputs.model)}
     tracking = connect(params.tracking)
     tracking.call("reach the tracking server", tracking.client.search_experiments, max_results=1)
-    run_id, origin = _pipeline_run(tracking, params, inputs, digest)
+    run_id, origin = _pipeline_run(tracking, params, inputs, outputs)
     metrics = result_metrics(evaluation)
-    model_uri = _complete(tracking, run_id, inputs, metrics, digest)
+    model_uri = _complete(tracking, run_id, inputs, metrics, outputs)
     identity = data_identity(inputs.parquet_dir / "test.parquet")
     version = _version(tracking, params.registry.model_name, run_id, model_uri, metrics, identity)
     run = tracking.client.get_run(run_id)
@@ -143,8 +143,15 @@ def run_register(params: Params, inputs: RegisterInputs, out_dir: Path) -> dict[
     return result
 
 
-def _pipeline_run(tracking: Tracking, params: Params, inputs: RegisterInputs, digest: str) -> tuple[str, str]:
-    """(run id, how it was found): train's run, or a new one (train cached, or the run is not here)."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _pipeline_run(
+    tracking: Tracking, params: Params, inputs: RegisterInputs, outputs: dict[str, str]
+) -> tuple[str, str]:
+    """(run id, how it was found): train's run; a run already completed with these same outputs (model
+    and evaluation), so registering twice creates nothing; else a new one (train cached, or not here)."""
     train_run = _train_run_id(inputs.train_dir / RUN_REF)
     run = None
     if train_run:
@@ -152,8 +159,11 @@ def _pipeline_run(tracking: Tracking, params: Params, inputs: RegisterInputs, di
             run = tracking.client.get_run(train_run)
         except Exception:  # not on this server (another server, a wiped database)
             run = None
-    if run is not None and run.data.tags.get("wflw.evaluation") in (None, digest):
+    if run is not None and run.data.tags.get("wflw.evaluation") in (None, outputs["wflw.evaluation"]):
         return run.info.run_id, "the run train opened"
+    done = _completed_with(tracking, params.tracking.experiment, outputs)
+    if done is not None:
+        return done, "completed before with these outputs"
     if run is not None:
         origin, tags = "train cached by DVC", {"wflw.trained_in_run": run.info.run_id}
     else:
@@ -165,8 +175,24 @@ def _pipeline_run(tracking: Tracking, params: Params, inputs: RegisterInputs, di
     return run_id, origin
 
 
+def _completed_with(tracking: Tracking, experiment: str, outputs: dict[str, str]) -> str | None:
+    """The id of a finished run of `experiment` tagged with these outputs, if there is one."""
+    found = tracking.call("look up the experiment", tracking.client.get_experiment_by_name, experiment)
+    if found is None:
+        return None
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in sorted(outputs.items()))
+    runs = tracking.call(
+        "search the runs", tracking.client.search_runs, [found.experiment_id], query, max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
 def _complete(
-    tracking: Tracking, run_id: str, inputs: RegisterInputs, metrics: dict[str, float], digest: str
+    tracking: Tracking,
+    run_id: str,
+    inputs: RegisterInputs,
+    metrics: dict[str, float],
+    outputs: dict[str, str],
 ) -> str:
     """Log results, evaluation artifacts, DVC/git tags and (once per run) the model; returns the model URI."""
     client = tracking.client
@@ -177,7 +203,7 @@ def _complete(
         tags={
             **provenance.dvc_stage_tags(provenance.project_root() / "dvc.lock"),
             **provenance.caller_tags(),
-            "wflw.evaluation": digest,
+            **outputs,
         },
     )
     for name in EVAL_ARTIFACTS:

@@ -95,6 +95,7 @@ def test_a_pipeline_run_is_one_complete_mlflow_run(pipeline):
     assert tags["git.dirty"] == "false"
     assert (tags["device"], tags["device.name"]) == ("cpu", "cpu")
     assert tags["torch.version"] and tags["wflw.stage"] == "registered"
+    assert tags["mlflow.source.name"] == "wflw train"
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.digest == provenance.data_digest(identity)
     assert dataset.dataset.name == f"wflw-{params.data.source}"

@@ -168,7 +168,7 @@ def _pipeline_run(
         origin, tags = "train cached by DVC", {"wflw.trained_in_run": run.info.run_id}
     else:
         origin, tags = "rebuilt from the DVC outputs", {"wflw.rebuilt": "true"}
-    run_id = start_run(tracking, params, inputs.parquet_dir / "train.parquet")
+    run_id = start_run(tracking, params, inputs.parquet_dir / "train.parquet", "wflw register")
     log_training(tracking, run_id, inputs.train_dir / "history.csv", inputs.train_dir / "metrics.json")
     tracking.log_batch(run_id, tags=tags)
     logger.info("MLflow: new run %s (%s)", run_id, origin)

@@ -45,11 +45,13 @@ TRAIN_SUMMARY = {
 """train metrics.json key -> the MLflow metric (logged once)."""
 
 
-def run_tags(params: Params, identity: dict[str, Any]) -> dict[str, str]:
-    """Tags a run gets at its start: provenance, data, device and torch version."""
+def run_tags(params: Params, identity: dict[str, Any], source: str) -> dict[str, str]:
+    """Tags a run gets at its start: the command that opened it, provenance, data, device, torch."""
     device = resolve_device(params.train.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": source,
         **provenance.git_tags(provenance.project_root()),
         **provenance.caller_tags(),
         **provenance.data_tags(identity),
@@ -79,8 +81,8 @@ def dataset_input(params: Params, identity: dict[str, Any], train_split: Path) -
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
 
 
-def start_run(tracking: Tracking, params: Params, train_split: Path) -> str:
-    """A new run with every param, the start tags and the dataset input; returns its id."""
+def start_run(tracking: Tracking, params: Params, train_split: Path, source: str) -> str:
+    """A new run opened by the command `source`, with every param, the start tags and the dataset input."""
     identity = data_identity(train_split)
     experiment = experiment_id(tracking, params.tracking.experiment)
     run = tracking.call(
@@ -88,7 +90,7 @@ def start_run(tracking: Tracking, params: Params, train_split: Path) -> str:
         tracking.client.create_run,
         experiment,
         run_name=provenance.run_name(params),
-        tags=run_tags(params, identity),
+        tags=run_tags(params, identity, source),
     )
     run_id = run.info.run_id
     tracking.log_batch(run_id, params=provenance.flatten(params.to_dict()))
@@ -147,7 +149,7 @@ class TrainTracker:
         try:
             tracking = connect(params.tracking)
             _supersede(tracking, ref)
-            run_id = start_run(tracking, params, parquet_dir / "train.parquet")
+            run_id = start_run(tracking, params, parquet_dir / "train.parquet", "wflw train")
         except TrackingError as err:
             logger.warning("%s: training goes on untracked; `wflw register` will track it", err)
             fileio.write_json(ref, untracked(str(err)))

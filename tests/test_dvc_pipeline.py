@@ -152,6 +152,7 @@ def test_dvc_repro_runs_every_stage_then_is_up_to_date(tmp_path):
     assert _train_run(repo) == trained
     [flipoff] = client.search_runs([_experiment_id(client)], "tags.`dvc.experiment` = 'flipoff'")
     assert len(_runs(client)) == 4 and flipoff.info.status == "FINISHED"
+    assert flipoff.info.run_name == "r18-32-wing-synthetic-flipoff"
     assert flipoff.data.tags["wflw.trained_in_run"] == trained
     assert flipoff.data.params["evaluate.flip_test"] == "false"
     assert client.get_run(trained).data.params["evaluate.flip_test"] == "true"

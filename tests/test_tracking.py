@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import tiny_parquet
+from helpers import PARAMS_YAML, tiny_parquet
 from mlflow.tracking import MlflowClient
 from pipeline_cli import evaluate, params_file, register, registered, train, wflw
 from servers import free_port
@@ -259,3 +259,9 @@ def test_missing_inputs_fail_in_one_line_and_a_missing_run_id_rebuilds_the_run(p
     assert register(pipeline) == 0
     assert registered(pipeline)["run_origin"] == "rebuilt from the DVC outputs"
     assert len(_runs(pipeline)) == 2
+
+
+def test_run_names_say_what_ran_and_which_dvc_experiment():
+    params = load_params(PARAMS_YAML, ["model.arch=resnet50", "model.input_size=256", "data.source=wflw"])
+    assert provenance.run_name(params, {}) == "r50-256-wing-wflw"
+    assert provenance.run_name(params, {"DVC_EXP_NAME": "lr-sweep-3"}) == "r50-256-wing-wflw-lr-sweep-3"

@@ -45,10 +45,13 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def run_name(params: Params) -> str:
-    """What a run is, for the MLflow run list: arch, input size, loss, data (`r18-64-wing-synthetic`)."""
+def run_name(params: Params, environ: Mapping[str, str] = os.environ) -> str:
+    """What a run is, for the MLflow run list: arch, input size, loss, data (`r18-64-wing-synthetic`), and
+    the DVC experiment's name under `dvc exp run` (`r18-64-wing-synthetic-epochs30`)."""
     arch = params.model.arch.replace("resnet", "r")
-    return f"{arch}-{params.model.input_size}-{params.loss.name}-{params.data.source}"
+    name = f"{arch}-{params.model.input_size}-{params.loss.name}-{params.data.source}"
+    experiment = environ.get(DVC_EXPERIMENT_ENV)
+    return f"{name}-{experiment}" if experiment else name
 
 
 def project_root() -> Path:
@@ -74,7 +77,7 @@ def _git(root: Path, *args: str) -> str | None:
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    return done.stdout.rstrip() if done.returncode == 0 else None
 
 
 def dvc_stage_tags(lock_path: Path) -> dict[str, str]:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -196,7 +197,7 @@ def _complete(
 ) -> str:
     """Log results, evaluation artifacts, DVC/git tags and (once per run) the model; returns the model URI."""
     client = tracking.client
-    stamp = 0
+    stamp = int(time.time() * 1000)
     tracking.log_batch(
         run_id,
         metrics=[Metric(name, value, stamp, 0) for name, value in metrics.items()],

@@ -99,9 +99,9 @@ def start_run(tracking: Tracking, params: Params, train_split: Path, source: str
     return run_id
 
 
-def epoch_metrics(row: dict[str, Any], timestamp: int | None = None) -> list[Metric]:
+def epoch_metrics(row: dict[str, Any]) -> list[Metric]:
     """One history row as metrics at step = epoch (an empty val_nme is skipped)."""
-    stamp = timestamp if timestamp is not None else int(time.time() * 1000)
+    stamp = int(time.time() * 1000)
     step = int(row["epoch"])
     return [
         Metric(name, float(row[column]), stamp, step)

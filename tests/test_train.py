@@ -252,6 +252,8 @@ def test_ddp_with_two_cpu_processes_trains_and_writes_one_checkpoint(tmp_path, p
         str(params_file),
         "--set",
         "train.threads=1",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "--parquet",
         str(parquet_dir),
         "--model-dir",
@@ -265,9 +267,16 @@ def test_ddp_with_two_cpu_processes_trains_and_writes_one_checkpoint(tmp_path, p
         "checkpoint.pt",
         "history.csv",
         "metrics.json",
+        "mlflow_run.json",
     ]
     metrics = json.loads((tmp_path / "train" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("wflw-deeppose").experiment_id])
+    assert run.info.run_id == json.loads((tmp_path / "train" / "mlflow_run.json").read_text())["run_id"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]  # rank 0 only
     assert torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 

@@ -22,6 +22,7 @@ from servers import free_port
 from wflw_pipeline import provenance
 from wflw_pipeline.contract import data_identity
 from wflw_pipeline.params import load_params
+from wflw_pipeline.tracking.client import default_artifact_location, tracking_uri
 
 SUBSET_METRICS = ("nme_test", "nme_pose", "nme_expression", "nme_illumination", "nme_makeup", "nme_occlusion")
 
@@ -265,3 +266,19 @@ def test_run_names_say_what_ran_and_which_dvc_experiment():
     params = load_params(PARAMS_YAML, ["model.arch=resnet50", "model.input_size=256", "data.source=wflw"])
     assert provenance.run_name(params, {}) == "r50-256-wing-wflw"
     assert provenance.run_name(params, {"DVC_EXP_NAME": "lr-sweep-3"}) == "r50-256-wing-wflw-lr-sweep-3"
+
+
+def test_a_relative_sqlite_uri_is_the_project_roots_and_artifacts_go_beside_the_database(
+    tmp_path, monkeypatch
+):
+    config = load_params(PARAMS_YAML, ["tracking.uri=sqlite:///runs/mlflow.db"]).tracking
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert tracking_uri(config) == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    monkeypatch.setenv("DVC_ROOT", "/srv/project")  # `dvc exp run` in a temporary copy
+    assert tracking_uri(config) == "sqlite:////srv/project/runs/mlflow.db"
+    assert (
+        default_artifact_location("sqlite:////srv/project/runs/mlflow.db")
+        == "file:///srv/project/runs/mlartifacts"
+    )
+    assert default_artifact_location("http://127.0.0.1:5000") is None

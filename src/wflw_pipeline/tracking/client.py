@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
@@ -45,8 +46,11 @@ def tracking_uri(config: TrackingParams) -> str:
 
 
 def default_artifact_location(uri: str) -> str | None:
-    """mlartifacts/ next to a local database; None lets a tracking server choose (its proxied storage)."""
-    return (project_root() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    """mlartifacts/ beside a SQLite database; None lets a tracking server choose (its proxied storage)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri == f"{prefix}:memory:":
+        return None
+    return (Path(uri.removeprefix(prefix)).parent / "mlartifacts").as_uri()
 
 
 def _short(err: BaseException) -> str:

@@ -17,7 +17,7 @@ STAGES = {
     "convert": "convert",
     "train": "train",
     "evaluate": "evaluate",
-    "register": "tracking.register",
+    "register": "tracking",
 }
 """Each DVC stage and the module that does its work."""
 

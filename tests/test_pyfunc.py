@@ -15,7 +15,7 @@ from helpers import tiny_trained
 from mlflow import MlflowClient
 from test_inference import decoded_crops, evaluate_predictions
 
-from wflw_pipeline.tracking import pyfunc
+from wflw_pipeline import tracking
 
 FRESH_PROCESS = """
 import json, sys, time
@@ -61,7 +61,7 @@ def logged(tmp_path_factory):
                 "landmarks", artifact_location=(root / "mlartifacts").as_uri()
             )
             with mlflow.start_run(experiment_id=experiment):
-                info = pyfunc.log_landmark_model(model_path)
+                info = tracking.log_landmark_model(model_path)
             version = mlflow.register_model(info.model_uri, "m")
             MlflowClient().set_registered_model_alias("m", "champion", version.version)
             yield Logged(root, parquet / "test.parquet", model_path, uri, info)
@@ -86,7 +86,7 @@ def test_the_registered_signature_is_uint8_crops_to_float32_points(logged):
 def test_the_model_directory_holds_code_and_weights_but_no_pickle(logged, model_dir):
     files = {str(path.relative_to(model_dir)) for path in model_dir.rglob("*") if path.is_file()}
     assert not [name for name in files if name.endswith((".pkl", ".pickle", ".cloudpickle"))]
-    assert (model_dir / "model_code.py").read_text() == pyfunc.MODEL_CODE.read_text()
+    assert (model_dir / tracking.MODEL_CODE.name).read_text() == tracking.MODEL_CODE.read_text()
     assert (model_dir / "artifacts" / "model.pt").read_bytes() == logged.model_path.read_bytes()
     assert (model_dir / "code" / "wflw_pipeline" / "inference.py").is_file()
     flavor = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]["python_function"]
@@ -96,8 +96,8 @@ def test_the_model_directory_holds_code_and_weights_but_no_pickle(logged, model_
 
 def test_the_requirements_are_the_explicit_pins(model_dir):
     lines = (model_dir / "requirements.txt").read_text().splitlines()
-    assert lines == [f"mlflow=={mlflow.__version__}", *pyfunc.pip_requirements()]
-    assert [line.split("==")[0] for line in lines[1:]] == list(pyfunc.REQUIREMENTS)
+    assert lines == [f"mlflow=={mlflow.__version__}", *tracking.pip_requirements()]
+    assert [line.split("==")[0] for line in lines[1:]] == list(tracking.REQUIREMENTS)
 
 
 def test_the_input_example_is_one_grey_crop(model_dir):

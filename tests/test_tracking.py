@@ -22,7 +22,7 @@ from servers import free_port
 from wflw_pipeline import provenance
 from wflw_pipeline.contract import data_identity
 from wflw_pipeline.params import load_params
-from wflw_pipeline.tracking.client import default_artifact_location, tracking_uri
+from wflw_pipeline.tracking import default_artifact_location, tracking_uri
 
 SUBSET_METRICS = ("nme_test", "nme_pose", "nme_expression", "nme_illumination", "nme_makeup", "nme_occlusion")
 

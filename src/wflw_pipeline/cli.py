@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -42,46 +43,46 @@ def _train(params: Params, args: argparse.Namespace) -> None:
 
 def _tracked_training(params: Params, parquet: Path, train_dir: Path) -> contextlib.AbstractContextManager:
     """MLflow's live tracking of the training (tracking.enabled), else a note that there is none."""
-    from . import fileio, tracking
+    from . import fileio
+    from .provenance import RUN_REF, untracked
     from .runtime import Distributed
 
     if params.tracking.enabled:
         _require_mlflow()
-        from .tracking.runs import tracked_training
+        from .tracking import tracked_training
 
         return tracked_training(params, parquet, train_dir)
     if Distributed.from_env().main:
-        fileio.write_json(train_dir / tracking.RUN_REF, tracking.untracked("tracking.enabled is false"))
+        fileio.write_json(train_dir / RUN_REF, untracked("tracking.enabled is false"))
     return contextlib.nullcontext()
 
 
 def _require_mlflow() -> None:
-    try:
-        import mlflow  # noqa: F401
-    except ImportError as err:
+    """A clear error, not an ImportError traceback, where MLflow is not installed."""
+    if importlib.util.find_spec("mlflow") is None:
         raise PipelineError(
-            f"tracking.enabled is true but MLflow cannot be imported ({err}): install it, or run with "
+            "tracking.enabled is true but MLflow is not installed: install it, or run with "
             "--set tracking.enabled=false (e.g. on a bare GPU box)"
-        ) from None
+        )
 
 
 def _register(params: Params, args: argparse.Namespace) -> None:
     if not params.tracking.enabled:
         from . import fileio
-        from .tracking import untracked
+        from .provenance import untracked
 
         fileio.write_json(Path(args.out) / "registered.json", untracked("tracking.enabled is false"))
         logger.info("tracking.enabled is false: nothing registered")
         return
     _require_mlflow()
-    from .tracking.register import RegisterInputs, run_register
+    from .tracking import RegisterInputs, run_register
 
     inputs = RegisterInputs(Path(args.train_dir), Path(args.model), Path(args.eval), Path(args.parquet))
     run_register(params, inputs, Path(args.out))
 
 
 def _promote(params: Params, args: argparse.Namespace) -> None:
-    from .tracking.registry import PromotionRefused, promote
+    from .tracking import PromotionRefused, promote
 
     try:
         print(promote(params, args.version, force=args.force, reason=args.reason))
@@ -91,13 +92,13 @@ def _promote(params: Params, args: argparse.Namespace) -> None:
 
 
 def _rollback(params: Params, args: argparse.Namespace) -> None:
-    from .tracking.registry import rollback
+    from .tracking import rollback
 
     print(rollback(params, args.reason))
 
 
 def _models(params: Params, args: argparse.Namespace) -> None:
-    from .tracking.registry import models
+    from .tracking import models
 
     print(models(params))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 PACKAGE = __name__.rpartition(".")[0]
 ROOT = Path(__file__).resolve().parent
-RUN_AS_FILES = {f"{PACKAGE}.tracking.pyfunc": (f"{PACKAGE}.tracking.model_code",)}
+RUN_AS_FILES = {f"{PACKAGE}.tracking": (f"{PACKAGE}.pyfunc_model",)}
 """Modules that hand another package file to a tool that runs it (MLflow's models-from-code script)."""
 
 

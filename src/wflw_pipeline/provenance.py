@@ -23,6 +23,14 @@ DVC_ROOT_ENV = "DVC_ROOT"
 """Set by `dvc exp run` to the workspace's repository root, also when it runs in a temporary copy."""
 PREFECT_FLOW_RUN_ENV = "PREFECT__FLOW_RUN_ID"
 """Prefect's flow-run id; the flow passes it down to the DVC stages it starts."""
+RUN_REF = "mlflow_run.json"
+"""In train's --train-dir: the id of the MLflow run train opened (a DVC output of train, read by register).
+Written with tracking off too (run_id null), so that the file DVC expects always exists."""
+
+
+def untracked(reason: str) -> dict[str, str | None]:
+    """What RUN_REF (and register's registered.json) hold when there is no MLflow run, and why."""
+    return {"run_id": None, "reason": reason}
 
 
 def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

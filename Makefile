@@ -31,7 +31,8 @@ test: lint
 # --default-artifact-root (not --artifacts-destination): experiments made in the UI keep a local mlartifacts/<id>
 # location, readable by the pipeline's direct sqlite client; runs logged there before are served from their own.
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
+		--default-artifact-root ./mlartifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # The reference recipe on real WFLW (needs a GPU to finish in reasonable time): see README.

@@ -153,7 +153,13 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None) ->
         "--host", HOST, "--port", str(port),
         "--workers", "1",  # the default 4 took 20-30 s to answer on 2 cores, 1 takes ~10 s
     ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+    # No job runner: its 7 background workers (GenAI judges, trace rollups) cost ~2 GB and most of the start.
+    env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd,

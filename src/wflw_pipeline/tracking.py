@@ -192,8 +192,8 @@ def experiment_id(tracking: Tracking, name: str) -> str:
 
 # The run of a pipeline run ----------------------------------------------------------------------------
 
-CURVES = {"train_loss": "train_loss", "val_nme": "val_nme", "lr": "lr", "images_per_s": "images_per_s"}
-"""history.csv column -> the MLflow metric logged with step = epoch."""
+CURVES = ("train_loss", "val_nme", "lr", "images_per_s")
+"""history.csv columns logged as MLflow metrics of the same name, with step = epoch."""
 TRAIN_SUMMARY = {
     "selected_epoch": "selected_epoch",
     "val_nme": "nme_val_selected",
@@ -262,11 +262,7 @@ def epoch_metrics(row: dict[str, Any]) -> list[Metric]:
     """One history row as metrics at step = epoch (an empty val_nme is skipped)."""
     stamp = int(time.time() * 1000)
     step = int(row["epoch"])
-    return [
-        Metric(name, float(row[column]), stamp, step)
-        for column, name in CURVES.items()
-        if row.get(column) not in (None, "")
-    ]
+    return [Metric(name, float(row[name]), stamp, step) for name in CURVES if row.get(name) not in (None, "")]
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
@@ -455,7 +451,6 @@ EVAL_ARTIFACTS = (
     "ced.png", "nme_subsets.png", "best_worst.png",
 )  # fmt: skip
 """evaluate's outputs, logged under the run's `evaluation/`."""
-SUBSETS = ("test", *wflw.ATTRIBUTES)
 CHALLENGER = "challenger"
 
 
@@ -472,7 +467,7 @@ class RegisterInputs:
 def result_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     """evaluate's metrics.json as flat MLflow metrics: nme_/fr_/auc_ of test, each subset and val."""
     flat = {}
-    for split in (*SUBSETS, "val"):
+    for split in (*promotion.SUBSETS, "val"):
         for key in ("nme", "fr", "auc"):
             value = (evaluation.get(split) or {}).get(key)
             if value is not None:

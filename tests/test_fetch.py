@@ -198,8 +198,10 @@ def test_exhausted_retries_keep_the_part_for_later_and_write_no_output(
     server.drops = 2
     out = tmp_path / "raw"
 
-    with pytest.raises(FetchError, match=r"WFLW_images\.tar\.gz: download failed after 2 attempts"):
+    with pytest.raises(FetchError, match=r"WFLW_images\.tar\.gz: download failed after 2 attempts") as err:
         run_fetch(_pinned(server, tmp_path, retries=1), out)
+
+    assert err.value.exit_code == 75  # transient: `wflw fetch` exits 75, which the Prefect flow retries
 
     assert len(server.requested(IMAGES_ARCHIVE)) == 2
     assert (tmp_path / "cache" / f"{IMAGES_ARCHIVE}.part").stat().st_size > 0
@@ -216,6 +218,7 @@ def test_checksum_mismatch_is_refused_and_the_download_deleted(server: _Server, 
     message = str(err.value)
     assert IMAGES_ARCHIVE in message and wrong in message and _sha(IMAGES) in message
     assert "data.wflw.images_sha256" in message
+    assert not hasattr(err.value, "exit_code")  # not transient: exit code 2, no retry
     assert not (out / IMAGES_ARCHIVE).exists()
     assert not (out / "manifest.json").exists()
     assert not (tmp_path / "cache" / IMAGES_ARCHIVE).exists()

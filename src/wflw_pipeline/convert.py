@@ -29,13 +29,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from . import geometry, wflw
 from .contract import FORMAT_VERSION, write_parquet
 from .errors import PipelineError
 from .fileio import atomic_paths
 from .params import ConvertParams
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def crop_all(
 
     with (
         ProcessPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(by_image), desc="convert", unit="image") as progress,
+        progress_bar(total=len(by_image), desc="convert", unit="image") as progress,
         _cancel_on_error(pool),
     ):
         wanted = lambda name: name.startswith(prefix) and name[len(prefix) :] in by_image  # noqa: E731

@@ -9,12 +9,12 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import augment, wflw
 from .dataset import FaceSet, batch_indices
 from .errors import PipelineError
 from .params import AugmentParams
+from .progress import progress_bar
 from .runtime import Precision
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -163,7 +163,7 @@ def train_one_epoch(
         device,
     )
     for step, index in enumerate(
-        tqdm(batches, desc="train", unit="batch", disable=not progress, leave=False)
+        progress_bar(batches, desc="train", unit="batch", disable=not progress, leave=False)
     ):
         draws = draw(augmentation, len(index), augment_generator, device)
         inputs, targets = inputs_and_targets(

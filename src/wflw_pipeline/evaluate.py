@@ -36,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from . import report, wflw
 from .contract import read_metadata
@@ -48,6 +47,7 @@ from .geometry import crop_to_image, input_to_crop
 from .metrics import auc, failure_rate, mean_shape_nme, nme_per_face
 from .model import DeepPose, load_trained
 from .params import EvaluateParams
+from .progress import progress_bar
 from .runtime import Precision, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,8 @@ def predict_split(
     chunks = []
     start = time.perf_counter()
     batches = list(batch_indices(len(faces), params.batch_size, shuffle=False))
-    for index in tqdm(batches, desc=f"evaluate {name}", unit="batch", disable=not progress, leave=False):
+    bar = progress_bar(batches, desc=f"evaluate {name}", unit="batch", disable=not progress, leave=False)
+    for index in bar:
         part = _take(faces, index)
         chunks.append(
             predict(

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from tqdm import tqdm
-
-from wflw_pipeline.errors import PipelineError
+from wflw_pipeline.errors import PipelineError, TransientError
 from wflw_pipeline.fileio import atomic_path, write_json
 from wflw_pipeline.params import DataParams, LocalSourceParams, SyntheticParams, WflwSourceParams
+from wflw_pipeline.progress import progress_bar
 from wflw_pipeline.wflw import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE
 
 if TYPE_CHECKING:
@@ -40,6 +39,10 @@ DRIVE_HOSTS = frozenset({"drive.google.com"})
 
 class FetchError(PipelineError):
     """A download, archive or checksum problem the user can fix (names the file, URL or key)."""
+
+
+class DownloadError(FetchError, TransientError):
+    """A download that kept failing on network errors: worth retrying later (exit code 75)."""
 
 
 class _TransientError(Exception):
@@ -116,7 +119,14 @@ def _stream_to(response: requests.Response, path: Path, offset: int, total: int 
     written = 0
     with (
         path.open("ab" if offset else "wb") as f,
-        tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=desc) as bar,
+        progress_bar(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=desc,
+        ) as bar,
     ):
         for chunk in response.iter_content(chunk_size=CHUNK_SIZE):
             f.write(chunk)
@@ -202,7 +212,7 @@ def with_retries(attempt: Callable[[], None], url: str, retries: int) -> None:
             if not _is_transient(err):
                 raise FetchError(f"{url}: download failed: {err}") from err
             if n == retries:
-                raise FetchError(f"{url}: download failed after {retries + 1} attempts: {err}") from err
+                raise DownloadError(f"{url}: download failed after {retries + 1} attempts: {err}") from err
             delay = min(BACKOFF_BASE_S * 2**n, BACKOFF_MAX_S)
             logger.warning("%s: %s; retry %d/%d in %.1f s", url, err, n + 1, retries, delay)
             time.sleep(delay)

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
-from tqdm import tqdm
 
 from wflw_pipeline import wflw
 from wflw_pipeline.fileio import atomic_path
 from wflw_pipeline.params import SyntheticParams
+from wflw_pipeline.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -1271,7 +1271,7 @@ def generate_archives(out_dir: Path, params: SyntheticParams) -> tuple[Path, Pat
 
     def images() -> Iterator[tuple[str, bytes]]:
         results = _render_all(jobs, workers)
-        for job, (data, job_lines) in tqdm(
+        for job, (data, job_lines) in progress_bar(
             zip(jobs, results, strict=True), total=len(jobs), desc="synthetic WFLW", unit="img"
         ):
             lines[job.split].extend(job_lines)

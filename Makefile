@@ -41,8 +41,8 @@ reference: $(STAMP)
 	$(BIN)/dvc repro
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests flows
+	$(BIN)/ruff format --check src tests flows
 
 # Every distribution comes from the lock at its pinned version and hash (pip checks that the lock is complete), then
 # the project itself goes in editable without touching them, built with the locked setuptools. `pip check` fails if

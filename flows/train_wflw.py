@@ -1,0 +1,347 @@
+"""Prefect flow `train-wflw`: runs this checkout's DVC stages as tasks and shows the outcome.
+
+DVC owns the graph and the cache, the stages record the run in MLflow; this flow triggers, parameterises
+and watches them, and holds no ML logic. `python flows/serve.py` serves it as deployment `train-wflw/local`;
+prefect.yaml declares it for a process work pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
+from prefect.runtime import flow_run
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+STAGES = ("fetch", "convert", "train", "evaluate", "register")
+EX_TEMPFAIL = 75
+"""The exit code of a stage that failed on the network (`wflw fetch`, after its own retries)."""
+FETCH_RETRIES = 3
+FETCH_RETRY_DELAYS_S = [60, 300, 900]
+SUBSETS = ("test", "pose", "expression", "illumination", "makeup", "occlusion", "blur")
+PROMOTE_REFUSED = 1
+"""`wflw promote`'s exit code when the gate refuses the candidate (an outcome, not a failure)."""
+TAIL_LINES = 200
+
+
+class StageFailed(RuntimeError):
+    """A command of the pipeline exited non-zero; the message is the stage's own error line."""
+
+    def __init__(self, stage: str, message: str, exit_status: int | None) -> None:
+        super().__init__(f"{stage}: {message}")
+        self.exit_status = exit_status
+
+
+class OverrideError(ValueError):
+    """An override params.yaml cannot take: an unknown key or a value Hydra cannot parse."""
+
+
+def hydra_value(value: Any) -> str:
+    """`value` in Hydra's override grammar, which `dvc exp run -S` and DVC's params files use."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{hydra_value(item)}" for key, item in value.items()) + "}"
+    return repr(value)
+
+
+def hydra_overrides(overrides: dict[str, Any]) -> list[str]:
+    """{"train.epochs": 3} -> ["train.epochs=3"]: the overrides as `dvc exp run -S` takes them."""
+    return [f"{key}={hydra_value(value)}" for key, value in overrides.items()]
+
+
+def output_lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    """The lines of a byte stream, split at newlines and carriage returns; blank ones dropped."""
+    pending = b""
+    for chunk in chunks:
+        *complete, pending = re.split(rb"\r\n|\r|\n", pending + chunk)
+        for line in complete:
+            if text := line.decode(errors="replace").rstrip():
+                yield text
+    if text := pending.decode(errors="replace").rstrip():
+        yield text
+
+
+ERROR_LINE = re.compile(r" ERROR [\w.]+: (?P<message>.+)$")
+"""A stage's error as `wflw` logs it: `<time> ERROR <logger>: <message>`."""
+DVC_ERROR = re.compile(r"^ERROR: (?P<message>.+?)(?:, exited with (?P<status>-?\d+))?$")
+
+
+def failure(lines: list[str]) -> tuple[str, int | None]:
+    """The error message of a failed command (the stage's own last error line, else DVC's) and the exit
+    status DVC reports for the stage's command."""
+    status = None
+    dvc_message = None
+    for line in lines:
+        if match := DVC_ERROR.match(line):
+            dvc_message = match["message"]
+            status = int(match["status"]) if match["status"] else status
+    stage_errors = [match["message"] for line in lines if (match := ERROR_LINE.search(line))]
+    if stage_errors:
+        return stage_errors[-1], status
+    return dvc_message or (lines[-1] if lines else "failed with no output"), status
+
+
+def command_env(workspace: Path, experiment: str) -> dict[str, str]:
+    """The environment of the pipeline's commands: this Python's scripts first on PATH (`dvc`, `wflw`),
+    unbuffered output, and the names MLflow's run is tagged with (the DVC experiment, this flow run)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["DVC_EXP_NAME"] = experiment
+    env["DVC_NO_ANALYTICS"] = "1"
+    if flow_run.id:
+        env["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
+    return env
+
+
+def run_logged(command: list[str], workspace: Path, env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run `command` in `workspace`, each line of its output a log line of this run; return its exit code
+    and its last lines."""
+    logger = get_run_logger()
+    logger.info("$ %s", " ".join(command))
+    tail: list[str] = []
+    pipe = subprocess.PIPE
+    with subprocess.Popen(command, cwd=workspace, env=env, stdout=pipe, stderr=subprocess.STDOUT) as process:
+        stdout = process.stdout
+        assert stdout is not None
+        for line in output_lines(iter(lambda: stdout.read1(65536), b"")):
+            logger.info("%s", line)
+            tail = [*tail[-TAIL_LINES + 1 :], line]
+    return process.returncode, tail
+
+
+def check(stage: str, returncode: int, tail: list[str]) -> None:
+    """StageFailed with the stage's own error message when its command failed."""
+    if returncode != 0:
+        message, status = failure(tail)
+        raise StageFailed(stage, message, status if status is not None else returncode)
+
+
+def network_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a stage only when its command failed on the network (exit code 75)."""
+    try:
+        state.result()
+    except StageFailed as err:
+        return err.exit_status == EX_TEMPFAIL
+    except Exception:  # Prefect's own failures (crashes, cancellations): not retried
+        return False
+    return False
+
+
+def dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def default_remote(workspace: Path, env: dict[str, str]) -> str | None:
+    """The DVC remote `dvc push`/`pull` use without `-r` (`dvc remote add -d`), or None."""
+    done = subprocess.run(dvc("remote", "default"), cwd=workspace, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip() or None
+
+
+@task(task_run_name="params")
+def apply_params(workspace: Path, params_file: str | None, overrides: dict[str, Any]) -> None:
+    """Copy `params_file` over params.yaml, then apply the overrides as `dvc exp run -S` does."""
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    logger = get_run_logger()
+    if params_file:
+        shutil.copyfile(workspace / params_file, workspace / "params.yaml")
+        logger.info("params.yaml <- %s", params_file)
+    if overrides:
+        try:
+            apply_overrides(workspace / "params.yaml", hydra_overrides(overrides))
+        except InvalidArgumentError as err:
+            reason = str(err.__cause__ or err).splitlines()[0]
+            raise OverrideError(
+                f"overrides {overrides}: {reason} (every key must be in params.yaml)"
+            ) from err
+        logger.info("params.yaml overrides: %s", " ".join(hydra_overrides(overrides)))
+
+
+@task(task_run_name="{stage}")
+def run_stage(stage: str, workspace: Path, env: dict[str, str], pull: bool) -> None:
+    """`dvc repro` of one stage: a stage whose deps and params are unchanged is not run again, and one DVC
+    ran before with the same inputs (its run cache, pulled from the remote when `pull`) is restored."""
+    command = dvc("repro", "--single-item", *(["--pull"] if pull else []), stage)
+    check(stage, *run_logged(command, workspace, env))
+
+
+@task(task_run_name="promote")
+def promote_version(workspace: Path, env: dict[str, str]) -> bool:
+    """`wflw promote`: champion moves to this run's version only when the gate accepts it."""
+    returncode, tail = run_logged(["wflw", "promote", "--params", "params.yaml"], workspace, env)
+    if returncode == PROMOTE_REFUSED:
+        return False
+    check("promote", returncode, tail)
+    return True
+
+
+@task(task_run_name="save experiment")
+def save_experiment(workspace: Path, env: dict[str, str], name: str) -> None:
+    """`dvc exp save`: the workspace's params, dvc.lock and metrics as DVC experiment `name`."""
+    check("dvc exp save", *run_logged(dvc("exp", "save", "--force", "-n", name), workspace, env))
+
+
+@task(task_run_name="push")
+def push(workspace: Path, env: dict[str, str], remote: str) -> None:
+    """`dvc push` of the outputs and the run cache, so other clones and workers start from them."""
+    check("dvc push", *run_logged(dvc("push", "--run-cache", "-r", remote), workspace, env))
+
+
+def results_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per subset (test first): NME and FR in %, AUC, faces, as data/eval/metrics.json has them."""
+    return [
+        {
+            "subset": name,
+            "NME (%)": round(metrics[name]["nme"], 3),
+            "FR@0.1 (%)": round(metrics[name]["fr"], 2),
+            "AUC@0.1": round(metrics[name]["auc"], 4),
+            "faces": metrics[name]["n"],
+        }
+        for name in SUBSETS
+    ]
+
+
+def model_url(registered: dict[str, Any]) -> str | None:
+    """The MLflow UI page of the registered version, when the tracking server has a URL."""
+    uri = registered.get("tracking_uri") or ""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/models/{registered['model_name']}/versions/{registered['version']}"
+
+
+def outcome_markdown(
+    results_md: str, registered: dict[str, Any], promoted: bool | None, experiment: str
+) -> str:
+    """The run page's summary: evaluate's results table, the MLflow run and version, the promotion."""
+    run = registered.get("run_id")
+    run_ref = f"[{run}]({registered['run_url']})" if registered.get("run_url") else f"`{run}`"
+    version = f"{registered.get('model_name')} version {registered.get('version')}"
+    version_ref = f"[{version}]({url})" if (url := model_url(registered)) else f"`{version}`"
+    promotion = {None: "not asked (flow parameter `promote`)", True: "**promoted**: alias `champion`"}.get(
+        promoted, "refused by the gate (`wflw promote` printed why in the logs); alias `challenger`"
+    )
+    lines = [
+        f"- DVC experiment: `{experiment}` (`dvc exp show`)",
+        f"- MLflow run: {run_ref} ({registered.get('tracking_uri')})",
+        f"- Registered model: {version_ref}",
+        f"- Promotion: {promotion}",
+        "",
+        results_md,
+    ]
+    return "\n".join(lines)
+
+
+@task(task_run_name="outcome")
+def publish(workspace: Path, promoted: bool | None, experiment: str) -> dict[str, Any]:
+    """The flow's result and its artifacts, read from the outputs evaluate and register wrote."""
+    metrics = json.loads((workspace / "data/eval/metrics.json").read_text())
+    registered = json.loads((workspace / "data/register/registered.json").read_text())
+    results_md = (workspace / "data/eval/results.md").read_text()
+    rows = results_table(metrics)
+    create_table_artifact(
+        rows, key="wflw-metrics", description="NME, FR and AUC on the test set and its subsets"
+    )
+    create_markdown_artifact(
+        outcome_markdown(results_md, registered, promoted, experiment),
+        key="wflw-results",
+        description="Results table, MLflow run, registered version, promotion",
+    )
+    return {
+        "experiment": experiment,
+        "metrics": {
+            row["subset"]: {"nme": row["NME (%)"], "fr": row["FR@0.1 (%)"], "auc": row["AUC@0.1"]}
+            for row in rows
+        },
+        "mlflow_run_id": registered.get("run_id"),
+        "run_url": registered.get("run_url"),
+        "model": registered.get("model_uri"),
+        "promoted": promoted,
+    }
+
+
+def workspace_limit(workspace: Path) -> str:
+    """The Prefect global concurrency limit (1 slot) that one run at a time holds on `workspace`."""
+    digest = hashlib.sha256(f"{socket.gethostname()}:{workspace}".encode()).hexdigest()[:12]
+    return f"wflw-workspace-{digest}"
+
+
+def ensure_limit(name: str) -> None:
+    """Create limit `name` with one slot unless it exists (a run starting at the same time may create it)."""
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+
+
+@flow(name="train-wflw", log_prints=True)
+def train_wflw(
+    overrides: dict[str, Any] | None = None,
+    params_file: str | None = None,
+    promote: bool = False,
+    workspace: str | None = None,
+) -> dict[str, Any]:
+    """Run the WFLW pipeline (DVC stages fetch, convert, train, evaluate, register) and show the outcome.
+
+    Args:
+        overrides: Params to change for this run, dotted keys of params.yaml to values, e.g.
+            {"train.epochs": 3}. Applied as `dvc exp run -S` applies them; the run is saved as a DVC
+            experiment named after the flow run, and params.yaml is restored afterwards.
+        params_file: A complete params file of the checkout to run instead of params.yaml, e.g.
+            configs/deeppose_res50_wingloss_wflw.yaml (overrides apply on top).
+        promote: After registering, move alias `champion` to the new version if it beats the champion
+            (`wflw promote`); a refusal is an outcome, not a failure.
+        workspace: The DVC project to run in; default: the checkout this flow file is in.
+    """
+    root = Path(workspace).resolve() if workspace else CHECKOUT
+    experiment = re.sub(r"[^A-Za-z0-9_-]+", "-", flow_run.name or "train-wflw")
+    env = command_env(root, experiment)
+    limit = workspace_limit(root)
+    ensure_limit(limit)
+    logger = get_run_logger()
+    logger.info("workspace %s: waiting for concurrency limit %s", root, limit)
+    with concurrency(limit, occupy=1, strict=True):
+        params_path = root / "params.yaml"
+        original = params_path.read_bytes()
+        try:
+            apply_params(root, params_file, overrides or {})
+            remote = default_remote(root, env)
+            for stage in STAGES:
+                stage_task = run_stage.with_options(name=f"dvc repro {stage}")
+                if stage == "fetch":
+                    stage_task = stage_task.with_options(
+                        retries=FETCH_RETRIES,
+                        retry_delay_seconds=FETCH_RETRY_DELAYS_S,
+                        retry_condition_fn=network_error,
+                    )
+                stage_task(stage, root, env, pull=remote is not None)
+            promoted = promote_version(root, env) if promote else None
+            save_experiment(root, env, experiment)
+            if remote:
+                push(root, env, remote)
+        finally:
+            params_path.write_bytes(original)
+    return publish(root, promoted, experiment)

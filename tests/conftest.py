@@ -1,0 +1,7 @@
+"""flows/ on the import path: the tests import the flow as `python flows/serve.py` and Prefect's runner do,
+by the file's own name (`import train_wflw`)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "flows"))

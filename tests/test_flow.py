@@ -1,0 +1,199 @@
+"""The Prefect flow `train-wflw` on a small DVC project (tests/flow_project.py) against Prefect's test
+harness: real DVC and a real (temporary) Prefect server, fake stages of a few lines each."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import train_wflw
+from flow_project import make_project, stage_runs
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.testing.utilities import prefect_test_harness
+from train_wflw import StageFailed, failure, hydra_overrides, output_lines, results_table
+
+DVC = Path(sys.executable).parent / "dvc"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def no_retry_delays(monkeypatch):
+    monkeypatch.setattr(train_wflw, "FETCH_RETRY_DELAYS_S", [0, 0, 0])
+
+
+def _run(workspace: Path, **parameters):
+    """Run the flow; return its state (failed runs included) and the flow run's id."""
+    state = train_wflw.train_wflw(workspace=str(workspace), return_state=True, **parameters)
+    return state
+
+
+def _artifacts(flow_run_id) -> dict:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {artifact.key: artifact for artifact in found}
+
+
+def _experiments(workspace: Path) -> dict[str, dict[str, str]]:
+    shown = subprocess.run(
+        [str(DVC), "exp", "show", "--csv"], cwd=workspace, check=True, capture_output=True, text=True
+    ).stdout
+    return {row["Experiment"]: row for row in csv.DictReader(io.StringIO(shown)) if row["Experiment"]}
+
+
+def test_overrides_reach_the_stages_and_the_run_is_saved_as_a_dvc_experiment(tmp_path):
+    project = make_project(tmp_path / "p", DVC)
+    params_before = (project / "params.yaml").read_bytes()
+
+    state = _run(project, overrides={"train.epochs": 3, "train.milestones": [1, 2]})
+
+    assert state.is_completed(), state.message
+    result = state.result()
+    model = json.loads((project / "data/model.json").read_text())
+    assert model["train"] == {"epochs": 3, "milestones": [1, 2]}
+    assert stage_runs(project) == ["fetch", "convert", "train", "evaluate", "register"]
+    assert (project / "params.yaml").read_bytes() == params_before  # the overrides were for this run only
+    experiment = result["experiment"]
+    assert model["env"]["DVC_EXP_NAME"] == experiment  # MLflow's run name and tag dvc.experiment
+    assert model["env"]["PREFECT__FLOW_RUN_ID"] == str(state.state_details.flow_run_id)
+    shown = _experiments(project)[experiment]
+    assert (shown["train.epochs"], shown["train.milestones"]) == ("3", "[1, 2]")
+    assert result["metrics"]["test"] == {"nme": 4.03, "fr": 0.0, "auc": 0.5}
+    assert result["mlflow_run_id"] == "abc123" and result["promoted"] is None
+
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert set(artifacts) == {"wflw-metrics", "wflw-results"}
+    table = json.loads(artifacts["wflw-metrics"].data)
+    assert [row["subset"] for row in table] == list(train_wflw.SUBSETS)
+    assert table[1] == {"subset": "pose", "NME (%)": 5.03, "FR@0.1 (%)": 2.5, "AUC@0.1": 0.49, "faces": 11}
+    markdown = artifacts["wflw-results"].data
+    assert "[abc123](http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in markdown
+    assert "[wflw-deeppose version 7](http://127.0.0.1:5000/#/models/wflw-deeppose/versions/7)" in markdown
+    assert "| 4.03 |" in markdown and f"`{experiment}`" in markdown
+
+    again = _run(project, overrides={"train.epochs": 3, "train.milestones": [1, 2]})
+
+    assert again.is_completed(), again.message
+    assert len(stage_runs(project)) == 5  # DVC's cache: nothing ran again
+
+
+def test_a_failing_stage_fails_the_flow_with_its_own_message_and_later_stages_do_not_run(tmp_path):
+    project = make_project(
+        tmp_path / "p", DVC, fail={"stage": "train", "message": "train.epochs: must be >= 1"}
+    )
+    params_before = (project / "params.yaml").read_bytes()
+
+    state = _run(project)
+
+    assert state.is_failed()
+    with pytest.raises(StageFailed, match=r"^train: train\.epochs: must be >= 1$"):
+        state.result()
+    assert "train: train.epochs: must be >= 1" in state.message
+    assert stage_runs(project) == ["fetch", "convert", "train"]
+    assert (project / "params.yaml").read_bytes() == params_before
+    assert not (project / "data/register/registered.json").exists()
+
+    fixed = _run(project, overrides={"fail.stage": None})
+
+    assert fixed.is_completed(), fixed.message
+    assert stage_runs(project)[3:] == ["train", "evaluate", "register"]  # fetch and convert: DVC's cache
+
+
+def test_fetch_is_retried_on_a_network_error(tmp_path):
+    project = make_project(tmp_path / "p", DVC, data={"network_failures": 2})
+
+    state = _run(project)
+
+    assert state.is_completed(), state.message
+    assert stage_runs(project)[:3] == ["fetch", "fetch", "fetch"]
+
+
+def test_fetch_is_not_retried_on_other_errors(tmp_path):
+    project = make_project(
+        tmp_path / "p", DVC, fail={"stage": "fetch", "message": "data.wflw.images_sha256: no"}
+    )
+
+    state = _run(project)
+
+    assert state.is_failed()
+    assert "fetch: data.wflw.images_sha256: no" in state.message
+    assert stage_runs(project) == ["fetch"]
+
+
+def test_an_unknown_override_fails_before_any_stage_runs(tmp_path):
+    project = make_project(tmp_path / "p", DVC)
+
+    state = _run(project, overrides={"train.epocs": 3})
+
+    assert state.is_failed()
+    assert "Could not override 'train.epocs'. (every key must be in params.yaml)" in state.message
+    assert stage_runs(project) == []
+
+
+def test_the_parameters_carry_descriptions_for_the_ui():
+    schema = train_wflw.train_wflw.parameters.model_dump()["properties"]
+
+    assert set(schema) == {"overrides", "params_file", "promote", "workspace"}
+    assert "dvc exp run -S" in schema["overrides"]["description"]
+    assert "champion" in schema["promote"]["description"]
+
+
+def test_overrides_are_written_in_hydra_syntax():
+    overrides = {"train.epochs": 3, "a.b": [1, 2.5], "c": None, "d": True, "e": "s3://x y", "f": {"g": "h"}}
+
+    assert hydra_overrides(overrides) == [
+        "train.epochs=3",
+        "a.b=[1,2.5]",
+        "c=null",
+        "d=true",
+        'e="s3://x y"',
+        'f={g:"h"}',
+    ]
+
+
+def test_output_lines_split_progress_redraws_into_lines():
+    chunks = [
+        b"Running stage 'fetch':\n> wflw fetch\r",
+        b"\rdownload:  50%|#",
+        b"####|\rdownload: 1",
+        b"00%\n\n",
+    ]
+
+    assert list(output_lines(chunks)) == [
+        "Running stage 'fetch':",
+        "> wflw fetch",
+        "download:  50%|#####|",
+        "download: 100%",
+    ]
+
+
+def test_the_failure_message_is_the_stage_s_own_error_line_else_dvc_s():
+    stage_output = [
+        "> wflw train --parquet data/parquet",
+        "2026-11-27 08:00:00,000 ERROR wflw_pipeline.cli: data/parquet/train.parquet: not found",
+        "ERROR: failed to reproduce 'train': failed to run: wflw train --parquet data/parquet, exited with 2",
+    ]
+    assert failure(stage_output) == ("data/parquet/train.parquet: not found", 2)
+    assert failure(["ERROR: 'dvc.yaml' does not exist"]) == ("'dvc.yaml' does not exist", None)
+    assert failure([]) == ("failed with no output", None)
+
+
+def test_results_table_rows():
+    metrics = {name: {"nme": 4.12345, "fr": 1.234, "auc": 0.55556, "n": 5} for name in train_wflw.SUBSETS}
+
+    rows = results_table(metrics)
+
+    assert rows[0] == {"subset": "test", "NME (%)": 4.123, "FR@0.1 (%)": 1.23, "AUC@0.1": 0.5556, "faces": 5}
+    assert len(rows) == 7

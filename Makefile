@@ -2,6 +2,10 @@
 # `make test`: set up .venv if needed, check ruff, run every test (the slow end-to-end ones included).
 # `make ui`: the MLflow UI for the embedded default store (sqlite:///mlflow.db, artifacts in mlartifacts/) on
 #   http://127.0.0.1:5000 (`make ui MLFLOW_PORT=5001` for another port).
+# `make prefect-server`: Prefect's server and UI (its SQLite database in ~/.prefect) on http://127.0.0.1:4200.
+# `make serve`: serve deployment train-wflw/local from this checkout (`make serve DEPLOYMENT=name` for another).
+# `make worker`: create work pool `wflw` (process), deploy prefect.yaml's train-wflw/process, start a worker.
+#   Then: `PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run train-wflw/local --watch`.
 # `make lock`: re-resolve requirements.lock from pyproject.toml (the dev extra included) to the newest allowed
 #   releases with pip-tools' pip-compile, run from a throwaway venv; `make lock LOCK_FLAGS=` keeps the current pins
 #   that still fit and only adds/drops what pyproject.toml changed. .venv installs exactly the lock (see $(STAMP)).
@@ -18,8 +22,12 @@ LOCK_PINS := pip torch==2.14.1 torchvision==0.29.1
 LOCK_TOOLS := pip==26.3 pip-tools==7.6.2
 LOCK_FLAGS ?= --upgrade
 MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
+DEPLOYMENT ?= local
+# The Prefect server the serve process, the worker and `prefect deployment run` talk to.
+PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 
-.PHONY: run test ui lint reference lock clean
+.PHONY: run test ui prefect-server serve worker lint reference lock clean
 
 run: $(STAMP)
 	$(BIN)/dvc repro
@@ -34,6 +42,17 @@ ui: $(STAMP)
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db \
 		--default-artifact-root ./mlartifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
+
+prefect-server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) --analytics-off
+
+serve: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/python flows/serve.py --name $(DEPLOYMENT)
+
+worker: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect work-pool create wflw --type process --overwrite
+	PREFECT_API_URL=$(PREFECT_API_URL) $(BIN)/prefect --no-prompt deploy --all
+	PREFECT_API_URL=$(PREFECT_API_URL) WFLW_CHECKOUT=$(CURDIR) $(BIN)/prefect worker start --pool wflw
 
 # The reference recipe on real WFLW (needs a GPU to finish in reasonable time): see README.
 reference: $(STAMP)

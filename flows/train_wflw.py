@@ -213,14 +213,19 @@ def push(workspace: Path, env: dict[str, str], remote: str) -> None:
     check("dvc push", *run_logged(dvc("push", "--run-cache", "-r", remote), workspace, env))
 
 
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def results_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per subset (test first): NME and FR in %, AUC, faces, as data/eval/metrics.json has them."""
+    """One row per subset (test first): NME and FR in %, AUC, faces, as data/eval/metrics.json has them
+    (None for a subset without faces)."""
     return [
         {
             "subset": name,
-            "NME (%)": round(metrics[name]["nme"], 3),
-            "FR@0.1 (%)": round(metrics[name]["fr"], 2),
-            "AUC@0.1": round(metrics[name]["auc"], 4),
+            "NME (%)": _rounded(metrics[name]["nme"], 3),
+            "FR@0.1 (%)": _rounded(metrics[name]["fr"], 2),
+            "AUC@0.1": _rounded(metrics[name]["auc"], 4),
             "faces": metrics[name]["n"],
         }
         for name in SUBSETS

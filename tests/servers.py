@@ -1,4 +1,4 @@
-"""Real servers for end-to-end tests: PostgreSQL and an MLflow tracking server on it, both on 127.0.0.1.
+"""Real servers for end-to-end tests, on 127.0.0.1: PostgreSQL, an MLflow server on it, Prefect's server.
 
 Each is a context manager that stops what it started on exit, also when the test body raises.
 """
@@ -160,10 +160,47 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None) ->
         "DO_NOT_TRACK": "true",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    with log.open("wb") as out:
+    with background(cmd, artifacts.parent, env, log) as proc:
+        _wait_healthy(f"{url}/health", proc, log, timeout=60)
+        yield url
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, port: int | None = None) -> Iterator[dict[str, str]]:
+    """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME (and so its own SQLite database) in
+    `home`; yields the environment its clients need (PREFECT_API_URL, PREFECT_HOME), once /api/health
+    answers. Its log is `home`/prefect-server.log."""
+    port = port or free_port()
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://{HOST}:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "prefect"),
+        "server",
+        "start",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+    ]
+    log = home / "prefect-server.log"
+    with background(cmd, home, env, log) as proc:
+        _wait_healthy(f"{env['PREFECT_API_URL']}/health", proc, log, timeout=90)
+        yield {key: env[key] for key in ("PREFECT_HOME", "PREFECT_API_URL")}
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """`cmd` in its own process group, its output in `log`; the whole group is killed on exit."""
+    with log.open("ab") as out:
         proc = subprocess.Popen(
             cmd,
-            cwd=artifacts.parent,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -171,25 +208,25 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None) ->
             start_new_session=True,
         )
     try:
-        _wait_healthy(url, proc, log, timeout=60)
-        yield url
+        yield proc
     finally:
         _kill_group(proc)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Wait until GET `url` answers 200; fail with the log's tail if `proc` exits or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited ({proc.returncode}) early:\n{_log_tail(log)}")
+            raise RuntimeError(f"{proc.args[0]} exited ({proc.returncode}) early:\n{_log_tail(log)}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"mlflow server at {url} not healthy after {timeout:.0f} s:\n{_log_tail(log)}")
+            raise RuntimeError(f"{url} not healthy after {timeout:.0f} s:\n{_log_tail(log)}")
         time.sleep(0.25)
 
 

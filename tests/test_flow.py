@@ -192,8 +192,10 @@ def test_the_failure_message_is_the_stage_s_own_error_line_else_dvc_s():
 
 def test_results_table_rows():
     metrics = {name: {"nme": 4.12345, "fr": 1.234, "auc": 0.55556, "n": 5} for name in train_wflw.SUBSETS}
+    metrics["makeup"] = {"nme": None, "fr": None, "auc": None, "n": 0}  # a subset without faces
 
     rows = results_table(metrics)
 
     assert rows[0] == {"subset": "test", "NME (%)": 4.123, "FR@0.1 (%)": 1.23, "AUC@0.1": 0.5556, "faces": 5}
+    assert rows[4] == {"subset": "makeup", "NME (%)": None, "FR@0.1 (%)": None, "AUC@0.1": None, "faces": 0}
     assert len(rows) == 7

@@ -1,0 +1,237 @@
+"""The deployment `train-wflw` end to end (slow): a real `prefect server` on a loopback port with its own
+PREFECT_HOME, the flow served by `flows/serve.py` and run by a process work pool's `prefect worker`, the real
+pipeline (tiny params) in a copy of the repository with a local-directory DVC remote, MLflow on its default
+SQLite store. One server and one workspace serve the module's tests (DVC's cache keeps them short); each test
+triggers the runs it checks. Every process started is stopped, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from servers import background, prefect_server
+from test_dvc_pipeline import GIT_USER, UNSET, _repo_copy
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+EXPERIMENT = MODEL = "wflw-deeppose"  # params.yaml's tracking.experiment and registry.model_name
+RUN_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A committed copy of the repository with tiny params and a default DVC remote in a local directory."""
+    root = tmp_path_factory.mktemp("flow-e2e")
+    repo = _repo_copy(root / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["synthetic"].update(train_faces=24, test_faces=12, max_image_size=400)
+    params["convert"].update(crop_size=64, val_fraction=0.25)
+    params["model"].update(input_size=32)
+    params["train"].update(epochs=1, batch_size=8, warmup_iters=1)
+    params["registry"].update(bootstrap_samples=200)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run([str(BIN / "dvc"), "remote", "add", "-d", "shared", str(root / "dvc-remote")], repo, _env(repo, {}))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "tiny params, a shared DVC remote")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def prefect(tmp_path_factory, workspace) -> Iterator[dict[str, str]]:
+    """The environment of the workspace's Prefect clients, a server running; `flows/serve.py` serving
+    deployment train-wflw/e2e."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as server:
+        env = _env(workspace, server)
+        serve = [str(BIN / "python"), "flows/serve.py", "--name", "e2e"]
+        with background(serve, workspace, env, workspace.parent / "serve.log"):
+            _wait_for_deployment("train-wflw/e2e", env)
+            yield env
+
+
+def _env(repo: Path, prefect_env: dict[str, str]) -> dict[str, str]:
+    """The venv's scripts first on PATH, the copy's own code first on PYTHONPATH, no outside MLflow."""
+    return {
+        **{key: value for key, value in os.environ.items() if key not in UNSET},
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(repo / "src"),
+        "DVC_NO_ANALYTICS": "1",
+        **{f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER") for what, value in GIT_USER.items()},
+        **prefect_env,
+    }
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = RUN_TIMEOUT_S) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd}:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+def _git(repo: Path, *args: str) -> str:
+    identity = [f"user.{what.lower()}={value}" for what, value in GIT_USER.items()]
+    return _run(["git", "-c", identity[0], "-c", identity[1], *args], repo, dict(os.environ))
+
+
+def _prefect(env: dict[str, str], *args: str, cwd: Path) -> str:
+    return _run([str(BIN / "prefect"), "--no-prompt", *args], cwd, env)
+
+
+def _client(env: dict[str, str]):
+    """A synchronous Prefect client on the test's server (not the harness, not the user's profile)."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(env["PREFECT_API_URL"])
+
+
+def _wait_for_deployment(name: str, env: dict[str, str], timeout: float = 60) -> None:
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    with _client(env) as client:
+        while True:
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except ObjectNotFound:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
+def _trigger(env: dict[str, str], cwd: Path, deployment: str, **parameters) -> uuid.UUID:
+    """`prefect deployment run` without waiting; the flow run's id."""
+    params = [arg for key, value in parameters.items() for arg in ("--param", f"{key}={json.dumps(value)}")]
+    out = _prefect(env, "deployment", "run", deployment, *params, cwd=cwd)
+    return uuid.UUID(out.split("UUID:")[1].split()[0])
+
+
+def _wait_final(env: dict[str, str], run_ids: list[uuid.UUID], timeout: float = RUN_TIMEOUT_S) -> list:
+    deadline = time.monotonic() + timeout
+    with _client(env) as client:
+        while True:
+            runs = [client.read_flow_run(run_id) for run_id in run_ids]
+            if all(run.state is not None and run.state.is_final() for run in runs):
+                return runs
+            assert time.monotonic() < deadline, [(run.name, run.state) for run in runs]
+            time.sleep(1)
+
+
+def _states(env: dict[str, str], run_id: uuid.UUID) -> list:
+    with _client(env) as client:
+        return client.read_flow_run_states(run_id)
+
+
+def _of_run(run_id: uuid.UUID):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    return ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+
+
+def _mlflow(repo: Path) -> MlflowClient:
+    uri = f"sqlite:///{repo}/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _experiments(repo: Path, env: dict[str, str]) -> dict[str, dict[str, str]]:
+    shown = _run([str(BIN / "dvc"), "exp", "show", "--csv"], repo, env)
+    return {row["Experiment"]: row for row in csv.DictReader(io.StringIO(shown)) if row["Experiment"]}
+
+
+def test_the_served_deployment_runs_the_pipeline_with_an_override_and_promotes(workspace, prefect):
+    params_before = (workspace / "params.yaml").read_bytes()
+
+    out = _prefect(
+        prefect,
+        "deployment", "run", "train-wflw/e2e",
+        "--param", 'overrides={"train.epochs": 2}', "--param", "promote=true", "--watch",
+        cwd=workspace,
+    )  # fmt: skip
+
+    run_id = uuid.UUID(out.split("UUID:")[1].split()[0])
+    with _client(prefect) as client:
+        flow_run = client.read_flow_run(run_id)
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=_of_run(run_id))}
+    assert flow_run.state.is_completed(), out
+    assert (workspace / "params.yaml").read_bytes() == params_before
+
+    mlflow = _mlflow(workspace)
+    experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    [run] = mlflow.search_runs([experiment_id], f"tags.`prefect.flow_run_id` = '{run_id}'")
+    assert run.data.params["train.epochs"] == "2"  # the override reached MLflow's params...
+    assert run.info.run_name.endswith(f"-{flow_run.name}")
+    assert run.data.tags["dvc.experiment"] == flow_run.name
+    shown = _experiments(workspace, prefect)[flow_run.name]
+    assert shown["train.epochs"] == "2"  # ... and `dvc exp show`
+    champion = mlflow.get_model_version_by_alias(MODEL, "champion")
+    assert champion.run_id == run.info.run_id  # registered, then promoted (no champion before)
+
+    assert set(artifacts) == {"wflw-metrics", "wflw-results"}
+    table = json.loads(artifacts["wflw-metrics"].data)
+    metrics = json.loads((workspace / "data/eval/metrics.json").read_text())
+    assert table[0]["subset"] == "test" and table[0]["NME (%)"] == round(metrics["test"]["nme"], 3)
+    assert f"version {champion.version}" in artifacts["wflw-results"].data
+    assert "**promoted**" in artifacts["wflw-results"].data
+
+
+def test_two_runs_triggered_together_queue_and_both_complete(workspace, prefect):
+    first = _trigger(prefect, workspace, "train-wflw/e2e", overrides={"evaluate.flip_test": False})
+    second = _trigger(prefect, workspace, "train-wflw/e2e", overrides={"evaluate.flip_test": True})
+
+    runs = _wait_final(prefect, [first, second])
+
+    assert [run.state.type.value for run in runs] == ["COMPLETED", "COMPLETED"], [r.state for r in runs]
+    waited = [run_id for run_id in (first, second) if "AwaitingConcurrencySlot" in _names(prefect, run_id)]
+    assert len(waited) == 1, [_names(prefect, run_id) for run_id in (first, second)]
+    one, other = sorted(runs, key=lambda run: run.start_time)
+    assert other.start_time >= one.end_time  # the second started only when the first had finished
+
+
+def _names(env: dict[str, str], run_id: uuid.UUID) -> list[str]:
+    return [state.name for state in _states(env, run_id)]
+
+
+def test_a_process_worker_runs_the_deployment_of_prefect_yaml(workspace, prefect):
+    _prefect(prefect, "work-pool", "create", "wflw", "--type", "process", cwd=workspace)
+    _prefect(prefect, "deploy", "--all", cwd=workspace)
+    worker_env = {**prefect, "WFLW_CHECKOUT": str(workspace)}
+    worker = [str(BIN / "prefect"), "worker", "start", "--pool", "wflw", "--name", "e2e-worker"]
+    log = workspace.parent / "worker.log"
+    with background(worker, workspace.parent, worker_env, log):
+        run_id = _trigger(prefect, workspace, "train-wflw/process")
+        [run] = _wait_final(prefect, [run_id])
+
+    assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"
+    assert str(run_id) in log.read_text()  # the worker, not the served runner, ran it
+    with _client(prefect) as client:
+        assert client.read_deployment(run.deployment_id).name == "process"
+    assert run.work_pool_name == "wflw"
+
+
+def test_a_second_clone_pulls_what_the_flow_pushed_and_has_nothing_to_run(workspace, prefect, tmp_path):
+    run_id = _trigger(prefect, workspace, "train-wflw/e2e")  # the committed params: pushed at the end
+    [run] = _wait_final(prefect, [run_id])
+    assert run.state.is_completed(), run.state
+    _git(workspace, "add", "dvc.lock")
+    _git(workspace, "commit", "-qm", "the pipeline's results")
+
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(workspace), str(clone))
+    env = _env(clone, {})
+    _run([str(BIN / "dvc"), "pull"], clone, env)
+    repro = _run([str(BIN / "dvc"), "repro"], clone, env)
+
+    assert "Running stage" not in repro, repro
+    assert "Data and pipelines are up to date" in repro
+    assert (clone / "data/model/model.pt").read_bytes() == (workspace / "data/model/model.pt").read_bytes()

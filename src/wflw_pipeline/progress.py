@@ -1,5 +1,6 @@
 """Progress bars: tqdm's redrawn bar on a terminal; elsewhere (a pipe, a log file, Prefect's run logs)
-one plain line at most every LOG_INTERVAL_S seconds instead of carriage-return redraws."""
+one plain line at most every LOG_INTERVAL_S seconds instead of carriage-return redraws, the first after
+LOG_INTERVAL_S (a shorter loop prints none)."""
 
 from __future__ import annotations
 
@@ -36,4 +37,5 @@ def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> tqdm:
     stream = sys.stderr
     if stream.isatty():
         return tqdm(iterable, file=stream, **kwargs)
-    return tqdm(iterable, file=LineWriter(stream), mininterval=LOG_INTERVAL_S, ascii=True, **kwargs)
+    every = LOG_INTERVAL_S
+    return tqdm(iterable, file=LineWriter(stream), mininterval=every, delay=every, ascii=True, **kwargs)

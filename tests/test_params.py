@@ -149,6 +149,8 @@ evaluate: {flip_test: false, batch_size: 6, device: cpu, precision: bf16, failur
 tracking: {enabled: false, uri: "http://127.0.0.1:9", experiment: e, retries: 2, timeout_s: 4}
 registry: {model_name: m, max_subset_regression: 0.5, require_significant: false, bootstrap_samples: 200,
            confidence: 0.9, seed: 3}
+predict: {upsample: 0, detect_max_side: 640, min_score: 0.5, refine: 2, batch_size: 4, device: cpu,
+          overlay_max_side: 512}
 """
     )
     params = load_params(path)
@@ -172,6 +174,8 @@ registry: {model_name: m, max_subset_regression: 0.5, require_significant: false
     )
     assert (params.registry.model_name, params.registry.require_significant) == ("m", False)
     assert (params.registry.bootstrap_samples, params.registry.confidence) == (200, 0.9)
+    assert (params.predict.upsample, params.predict.detect_max_side, params.predict.refine) == (0, 640, 2)
+    assert params.predict.min_score == 0.5 and (params.predict.batch_size, params.predict.device) == (4, "cpu")
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():

@@ -7,11 +7,16 @@ import contextlib
 import importlib.util
 import logging
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PipelineError
-from .params import Params, load_params
+from .params import Params, PredictParams, load_params
+
+if TYPE_CHECKING:
+    from .tracking import OnnxExport
 
 logger = logging.getLogger("wflw_pipeline")
 
@@ -78,7 +83,81 @@ def _register(params: Params, args: argparse.Namespace) -> None:
     from .tracking import RegisterInputs, run_register
 
     inputs = RegisterInputs(Path(args.train_dir), Path(args.model), Path(args.eval), Path(args.parquet))
-    run_register(params, inputs, Path(args.out))
+    run_register(params, inputs, Path(args.out), _checked_onnx(inputs.parquet_dir / "test.parquet"))
+
+
+ONNX_CHECK_CROPS = 16
+"""Test crops on which register checks the ONNX export against PyTorch."""
+
+
+def _checked_onnx(test_split: Path) -> OnnxExport:
+    """What register calls to export model.pt to ONNX in a folder, checked on the test split's first crops."""
+    from .dataset import load_faces
+    from .export import check_onnx, export_onnx
+    from .tracking import OnnxFile
+
+    def export(model: Path, folder: Path) -> OnnxFile:
+        path = export_onnx(model, folder / "model.onnx")
+        crops = load_faces(test_split).images[:ONNX_CHECK_CROPS].permute(0, 2, 3, 1).numpy()
+        worst = check_onnx(path, model, crops)
+        logger.info("ONNX export matches PyTorch to %.2g px on %d test crops", worst, len(crops))
+        return OnnxFile(path, worst, len(crops))
+
+    return export
+
+
+def _model_file(params: Params, model: str | None, folder: Path) -> tuple[Path, str]:
+    """(local model.pt, its name for the outputs) of --model: a file, or a models:/ or runs:/ URI (default:
+    the registry's champion) downloaded into `folder`."""
+    uri = model or f"models:/{params.registry.model_name}@champion"
+    if Path(uri).is_file():
+        return Path(uri), uri
+    if not uri.startswith(("models:/", "runs:/")):
+        raise PipelineError(f"--model {uri}: no such file, and not a models:/ or runs:/ URI")
+    _require_mlflow()
+    from .tracking import download_model_file
+
+    return download_model_file(params.tracking, uri, folder), uri
+
+
+def _predict(params: Params, args: argparse.Namespace) -> None:
+    from .inference import LandmarkPredictor
+    from .model import load_trained
+    from .predict import CropRule, Face, check, find_images, parse_bbox, predict_images
+    from .runtime import resolve_device
+
+    config = params.predict
+    box = parse_bbox(args.bbox) if args.bbox else None
+    sources = find_images([Path(path) for path in args.paths])
+    with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:
+        model_path, name = _model_file(params, args.model, Path(folder))
+        rule = CropRule.from_info(load_trained(model_path)[1])
+        predictor = LandmarkPredictor.load(model_path, resolve_device(config.device, key="predict.device"))
+    find_faces = (lambda image: [Face(box, None)]) if box else _detector(config)
+    summary = predict_images(sources, predictor, rule, find_faces, config, Path(args.out), name)
+    steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary.seconds.items())
+    logger.info("%d images, %d faces -> %s (%s)", summary.images, summary.faces, args.out, steps)
+    check(summary)
+
+
+def _detector(config: PredictParams) -> Callable:
+    from .predict import Detector
+
+    return Detector(config.upsample, config.detect_max_side, config.min_score)
+
+
+def _export(params: Params, args: argparse.Namespace) -> None:
+    from .export import check_onnx, export_onnx, noise_crops
+    from .inference import LandmarkPredictor
+
+    with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:
+        model_path, name = _model_file(params, args.model, Path(folder))
+        out = export_onnx(model_path, Path(args.out))
+        crops = noise_crops(LandmarkPredictor.load(model_path).crop_size)
+        worst = check_onnx(out, model_path, crops)
+    logger.info(
+        "wrote %s from %s: onnxruntime matches PyTorch to %.2g px on %d crops", out, name, worst, len(crops)
+    )
 
 
 def _promote(params: Params, args: argparse.Namespace) -> None:
@@ -248,13 +327,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.set_defaults(run=_models)
 
+    predict = commands.add_parser(
+        "predict",
+        help="landmarks on your own photos: JSON and an overlay PNG per image",
+        description="Finds the faces in each image (files, or folders of JPEG, PNG, WebP; or takes --bbox), "
+        "crops them as the model was trained and predicts their 98 points. Writes <name>.json (each face's "
+        "box, detector score, 98 points in image pixels) and <name>.overlay.png into --out. Reads params "
+        "predict.*. An image that cannot be read or shows no face is reported in one line and the rest go "
+        "on; the exit code is 1 when any did.",
+    )
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    predict.add_argument(
+        "--model",
+        help="models:/<name>@<alias> or models:/<name>/<version>, runs:/<run id>/model, or a local model.pt "
+        "(default: models:/<registry.model_name>@champion)",
+    )
+    predict.add_argument(
+        "--bbox", metavar="X1,Y1,X2,Y2", help="the face box, the same for every image (default: detect faces)"
+    )
+    predict.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+    predict.set_defaults(run=_predict)
+
+    export = commands.add_parser(
+        "export",
+        help="export a model to ONNX (dynamic batch), checked against PyTorch with onnxruntime",
+        description="Writes the model as ONNX: uint8 crops (N, S, S, 3) in, float32 landmarks (N, 98, 2) "
+        "in crop pixels out, as the registered pyfunc; onnxruntime's predictions are checked against "
+        "PyTorch's (max abs difference below 1e-3 px) before it is kept.",
+    )
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="(default: %(default)s)")
+    export.add_argument("--model", help="as for predict (default: models:/<registry.model_name>@champion)")
+    export.add_argument("--out", default="model.onnx", help="(default: %(default)s)")
+    export.set_defaults(run=_export)
+
     commands.add_parser(
         "bench",
         add_help=False,
-        help="benchmarks: loader, train-step, epoch, start, precision (see `wflw bench --help`)",
+        help="benchmarks: loader, train-step, epoch, start, precision, predict (see `wflw bench --help`)",
     )
 
-    for sub in (fetch, convert, train, evaluate, preview, register, promote, rollback, models):
+    for sub in (
+        fetch,
+        convert,
+        train,
+        evaluate,
+        preview,
+        register,
+        promote,
+        rollback,
+        models,
+        predict,
+        export,
+    ):
         add_params_options(sub)
     return parser
 

@@ -260,6 +260,26 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
+class PredictParams:
+    """`wflw predict` on a user's own photos: the face detector, the crop refinement, batches, drawing."""
+
+    upsample: int
+    detect_max_side: int
+    min_score: float
+    refine: int
+    batch_size: int
+    device: Literal["auto", "cuda", "mps", "cpu"]
+    overlay_max_side: int
+
+    def validate(self, key: str) -> None:
+        _require(0 <= self.upsample <= 3, f"{key}.upsample: must be in [0, 3]")
+        _require(self.detect_max_side >= 64, f"{key}.detect_max_side: must be >= 64")
+        _require(0 <= self.refine <= 10, f"{key}.refine: must be in [0, 10]")
+        _require(self.batch_size >= 1, f"{key}.batch_size: must be >= 1")
+        _require(self.overlay_max_side >= 64, f"{key}.overlay_max_side: must be >= 64")
+
+
+@dataclass(frozen=True)
 class Params:
     """Everything params.yaml holds; each stage reads its own sections."""
 
@@ -272,6 +292,7 @@ class Params:
     evaluate: EvaluateParams
     tracking: TrackingParams
     registry: RegistryParams
+    predict: PredictParams
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -427,8 +427,9 @@ def set_landmark_model() -> None:
     mlflow.models.set_model(LandmarkModel())
 
 
-def log_landmark_model(model_path: Path, *, name: str = "model") -> ModelInfo:
-    """Log `model_path` (a model.pt of `wflw train`) as a models-from-code pyfunc into the active run.
+def log_landmark_model(model_path: Path, *, name: str = "model", onnx: Path | None = None) -> ModelInfo:
+    """Log `model_path` (a model.pt of `wflw train`) as a models-from-code pyfunc into the active run, with
+    `onnx` (its export) beside it as artifacts/model.onnx when given.
 
     The model is loaded first, so a bad file raises model.CheckpointError before anything is logged.
     """
@@ -436,12 +437,28 @@ def log_landmark_model(model_path: Path, *, name: str = "model") -> ModelInfo:
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(MODEL_CODE),
-        artifacts={"model": str(model_path)},
+        artifacts={"model": str(model_path), **({"onnx": str(onnx)} if onnx else {})},
         code_paths=[str(PACKAGE_DIR)],
         signature=signature(crop_size),
         input_example=np.full((1, crop_size, crop_size, 3), 128, np.uint8),
         pip_requirements=pip_requirements(),
     )
+
+
+def download_model_file(config: TrackingParams, uri: str, dst: Path) -> Path:
+    """The model.pt of a model logged by `wflw register` (models:/<name>@<alias>, models:/<name>/<version>,
+    runs:/<run id>/model), downloaded with the model into `dst`."""
+    tracking = connect(config)
+
+    def download() -> str:
+        with _fluent(tracking.uri):
+            return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+
+    local = Path(tracking.call(f"download {uri} (`wflw models` lists the versions)", download))
+    path = local / "artifacts" / "model.pt"
+    if not path.is_file():
+        raise TrackingError(f"{uri}: not a model logged by `wflw register` (it has no artifacts/model.pt)")
+    return path
 
 
 # The register stage -------------------------------------------------------------------------------------
@@ -484,6 +501,21 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+@dataclass(frozen=True)
+class OnnxFile:
+    """The model exported to ONNX and checked against PyTorch: the file, the largest difference (crop
+    pixels) and on how many crops."""
+
+    path: Path
+    max_abs_diff_px: float
+    crops: int
+
+
+OnnxExport = Callable[[Path, Path], OnnxFile]
+"""(model.pt, a folder) -> its ONNX file written there and checked: what register attaches to the model
+(the cli hands export.py's in, so that this module, which train imports, does not import the exporter)."""
+
+
 class RegisterError(PipelineError):
     """An output of train or evaluate that register needs is missing (names it and the stage to run)."""
 
@@ -513,8 +545,11 @@ def _train_run_id(path: Path) -> str | None:
         return None
 
 
-def run_register(params: Params, inputs: RegisterInputs, out_dir: Path) -> dict[str, Any]:
-    """Complete the run, log the model, register a version, alias it `challenger`; write registered.json."""
+def run_register(
+    params: Params, inputs: RegisterInputs, out_dir: Path, onnx: OnnxExport | None = None
+) -> dict[str, Any]:
+    """Complete the run, log the model (with its ONNX export when `onnx` is given), register a version,
+    alias it `challenger`; write registered.json."""
     out = out_dir / "registered.json"
     _check_inputs(inputs)
     evaluation_path = inputs.eval_dir / "metrics.json"
@@ -524,10 +559,11 @@ def run_register(params: Params, inputs: RegisterInputs, out_dir: Path) -> dict[
     tracking.call("reach the tracking server", tracking.client.search_experiments, max_results=1)
     run_id, origin = _pipeline_run(tracking, params, inputs, outputs)
     metrics = result_metrics(evaluation)
-    model_uri = _complete(tracking, run_id, inputs, metrics, outputs)
+    model_uri = _complete(tracking, run_id, inputs, metrics, outputs, onnx)
     identity = data_identity(inputs.parquet_dir / "test.parquet")
-    version = _version(tracking, params.registry.model_name, run_id, model_uri, metrics, identity)
     run = tracking.client.get_run(run_id)
+    onnx_tags = {key: value for key, value in run.data.tags.items() if key.startswith(ONNX_TAG)}
+    version = _version(tracking, params.registry.model_name, run_id, model_uri, metrics, identity, onnx_tags)
     result = {
         "model_name": params.registry.model_name,
         "version": version,
@@ -537,6 +573,7 @@ def run_register(params: Params, inputs: RegisterInputs, out_dir: Path) -> dict[
         "run_origin": origin,
         "tracking_uri": tracking.uri,
         "run_url": run_url(tracking.uri, run.info.experiment_id, run_id),
+        "onnx": onnx_tags.get(f"{ONNX_TAG}path"),
     }
     fileio.write_json(out, result)
     logger.info(
@@ -600,8 +637,10 @@ def _complete(
     inputs: RegisterInputs,
     metrics: dict[str, float],
     outputs: dict[str, str],
+    onnx: OnnxExport | None,
 ) -> str:
-    """Log results, evaluation artifacts, DVC/git tags and (once per run) the model; returns the model URI."""
+    """Log results, evaluation artifacts, DVC/git tags and (once per run) the model with its ONNX export;
+    returns the model URI."""
     client = tracking.client
     stamp = int(time.time() * 1000)
     tracking.log_batch(
@@ -619,8 +658,10 @@ def _complete(
             tracking.call(f"upload {name}", client.log_artifact, run_id, str(path), "evaluation")
     model_uri = client.get_run(run_id).data.tags.get("wflw.model_uri")
     if model_uri is None:
-        model_uri = tracking.call("log the model", _log_model, tracking, run_id, inputs.model)
-        tracking.log_batch(run_id, tags={"wflw.model_uri": model_uri})
+        with tempfile.TemporaryDirectory(prefix="wflw-onnx-") as folder:
+            exported = onnx(inputs.model, Path(folder)) if onnx else None
+            model_uri = tracking.call("log the model", _log_model, tracking, run_id, inputs.model, exported)
+        tracking.log_batch(run_id, tags={"wflw.model_uri": model_uri, **_onnx_tags(exported)})
     tracking.log_batch(run_id, tags={"wflw.stage": "registered"})
     tracking.call("close the run", client.set_terminated, run_id, "FINISHED")
     return model_uri
@@ -644,9 +685,23 @@ def _fluent(uri: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def _log_model(tracking: Tracking, run_id: str, model: Path) -> str:
+def _log_model(tracking: Tracking, run_id: str, model: Path, onnx: OnnxFile | None) -> str:
     with _fluent(tracking.uri), mlflow.start_run(run_id=run_id):
-        return log_landmark_model(model).model_uri
+        return log_landmark_model(model, onnx=onnx.path if onnx else None).model_uri
+
+
+ONNX_TAG = "wflw.onnx."
+
+
+def _onnx_tags(onnx: OnnxFile | None) -> dict[str, str]:
+    """Where the ONNX file lies in the model's files, and how closely it matched PyTorch."""
+    if onnx is None:
+        return {}
+    return {
+        f"{ONNX_TAG}path": "artifacts/model.onnx",
+        f"{ONNX_TAG}max_abs_diff_px": f"{onnx.max_abs_diff_px:.3g}",
+        f"{ONNX_TAG}checked_crops": str(onnx.crops),
+    }
 
 
 def _version(
@@ -656,8 +711,10 @@ def _version(
     model_uri: str,
     metrics: dict[str, float],
     identity: dict[str, Any],
+    onnx_tags: dict[str, str],
 ) -> str:
-    """The run's version of `name` (created once), tagged with its results and data; alias challenger."""
+    """The run's version of `name` (created once), tagged with its results, data and ONNX file; alias
+    challenger."""
     client = tracking.client
     found = tracking.call(
         "search the model versions", client.search_model_versions, f"name = '{name}' and run_id = '{run_id}'"
@@ -670,6 +727,7 @@ def _version(
             **provenance.data_tags(identity),
             "data.identity": json.dumps(identity, sort_keys=True),
             **provenance.git_tags(provenance.project_root()),
+            **onnx_tags,
         }
         created = tracking.call("register the model", _register, tracking, model_uri, name, tags)
         version = str(created.version)

@@ -24,9 +24,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--name", default="local", help="deployment name (default: local)")
+    parser.add_argument("--cron", help='also run on this schedule, e.g. "0 3 * * *" (nightly at 3:00)')
     args = parser.parse_args(argv)
     train_wflw.serve(
         name=args.name,
+        cron=args.cron,
         global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         tags=["wflw"],
     )

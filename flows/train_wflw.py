@@ -302,7 +302,7 @@ def ensure_limit(name: str) -> None:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
 
 
-@flow(name="train-wflw", log_prints=True)
+@flow(name="train-wflw")
 def train_wflw(
     overrides: dict[str, Any] | None = None,
     params_file: str | None = None,

@@ -60,6 +60,18 @@ def run(params: Params, args: argparse.Namespace, command: str) -> None:
             seed=args.seed,
         )
         return
+    if args.bench == "predict":
+        from .predict import run_predict
+
+        run_predict(
+            **common,
+            checkpoint=Path(args.checkpoint),
+            config=params.predict,
+            images=args.images,
+            repeats=args.repeats,
+            work_dir=Path(args.work),
+        )
+        return
     if args.bench == "precision":
         from .precision import run_precision
 
@@ -256,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     precision.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
 
+    predict = modes.add_parser(
+        "predict",
+        help="faces/s of `wflw predict` end to end (decode, detect, crop, model): PyTorch vs onnxruntime",
+        description="Saves a real portrait (matplotlib's sample photo) as --images JPEGs of 480-1600 px and "
+        "runs predict's whole path on them with the checkpoint in PyTorch and, exported and checked, in "
+        "onnxruntime, in turns, --repeats times each; the detector and batch size are params predict.*.",
+    )
+    predict.add_argument(
+        "--checkpoint", default="data/model/model.pt", help="trained model (default: %(default)s)"
+    )
+    predict.add_argument("--images", type=int, default=24, help="(default: %(default)s)")
+    predict.add_argument("--repeats", type=int, default=3, help="(default: %(default)s)")
+    predict.add_argument(
+        "--work", default="data/bench/predict", help="folder for the photos and the ONNX file (%(default)s)"
+    )
+
     start = modes.add_parser(
         "start",
         help="the start of a run, cold then warm (compile cache): phases to the first full-speed step",
@@ -302,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-timeout", type=float, default=900.0, help="seconds allowed per run (default: %(default)s)"
     )
 
-    subs = [loader, step, epoch, precision, start]
+    subs = [loader, step, epoch, precision, predict, start]
     for sub in subs:
         sub.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
         sub.add_argument("--out", default="data/bench", help="folder for <mode>.json (default: %(default)s)")

@@ -175,7 +175,7 @@ predict: {upsample: 0, detect_max_side: 640, min_score: 0.5, refine: 2, batch_si
     assert (params.registry.model_name, params.registry.require_significant) == ("m", False)
     assert (params.registry.bootstrap_samples, params.registry.confidence) == (200, 0.9)
     assert (params.predict.upsample, params.predict.detect_max_side, params.predict.refine) == (0, 640, 2)
-    assert params.predict.min_score == 0.5 and (params.predict.batch_size, params.predict.device) == (4, "cpu")
+    assert (params.predict.min_score, params.predict.batch_size, params.predict.device) == (0.5, 4, "cpu")
 
 
 def test_overrides_are_parsed_as_yaml_and_typed():

@@ -1,8 +1,9 @@
 """Prefect flow `train-wflw`: runs this checkout's DVC stages as tasks and shows the outcome.
 
 DVC owns the graph and the cache, the stages record the run in MLflow; this flow triggers, parameterises
-and watches them, and holds no ML logic. `python flows/serve.py` serves it as deployment `train-wflw/local`;
-prefect.yaml declares it for a process work pool.
+and watches them, and holds no ML logic. DVC being the cache, no task uses Prefect's (NO_CACHE).
+`python flows/serve.py` serves it as deployment `train-wflw/local`; prefect.yaml declares it for a process
+work pool.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
@@ -37,6 +40,11 @@ SUBSETS = ("test", "pose", "expression", "illumination", "makeup", "occlusion", 
 PROMOTE_REFUSED = 1
 """`wflw promote`'s exit code when the gate refuses the candidate (an outcome, not a failure)."""
 TAIL_LINES = 200
+STOP_GRACE_S = 10.0
+"""How long a stage's processes get to end after SIGTERM (checkpoints are atomic) before SIGKILL."""
+LEASE_S = 60.0
+"""The workspace limit's lease, renewed while a run holds it: a run killed outright (SIGKILL) blocks the
+workspace this long at most."""
 
 
 class StageFailed(RuntimeError):
@@ -103,7 +111,7 @@ def failure(lines: list[str]) -> tuple[str, int | None]:
     return dvc_message or (lines[-1] if lines else "failed with no output"), status
 
 
-def command_env(workspace: Path, experiment: str) -> dict[str, str]:
+def command_env(experiment: str) -> dict[str, str]:
     """The environment of the pipeline's commands: this Python's scripts first on PATH (`dvc`, `wflw`),
     unbuffered output, and the names MLflow's run is tagged with (the DVC experiment, this flow run)."""
     env = dict(os.environ)
@@ -116,20 +124,46 @@ def command_env(workspace: Path, experiment: str) -> dict[str, str]:
     return env
 
 
-def run_logged(command: list[str], workspace: Path, env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run `command` in `workspace`, each line of its output a log line of this run; return its exit code
-    and its last lines."""
-    logger = get_run_logger()
-    logger.info("$ %s", " ".join(command))
+def run_logged(
+    command: list[str], workspace: Path, env: dict[str, str], log: Callable[[str], None]
+) -> tuple[int, list[str]]:
+    """Run `command` in `workspace`, each line of its output passed to `log`; return its exit code and its
+    last lines. The command runs in a process group of its own, which is stopped, with every process in
+    it (`dvc`, the shell, `wflw train`), when this one is interrupted: a cancelled flow run (SIGTERM)
+    leaves no stage running."""
+    log("$ " + " ".join(command))
     tail: list[str] = []
-    pipe = subprocess.PIPE
-    with subprocess.Popen(command, cwd=workspace, env=env, stdout=pipe, stderr=subprocess.STDOUT) as process:
+    with subprocess.Popen(
+        command, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0
+    ) as process:
         stdout = process.stdout
         assert stdout is not None
-        for line in output_lines(iter(lambda: stdout.read1(65536), b"")):
-            logger.info("%s", line)
-            tail = [*tail[-TAIL_LINES + 1 :], line]
+        try:
+            for line in output_lines(iter(lambda: stdout.read1(65536), b"")):
+                log(line)
+                tail = [*tail[-TAIL_LINES + 1 :], line]
+        except BaseException:
+            stop_group(process)
+            raise
     return process.returncode, tail
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group `process` leads, SIGKILL it after STOP_GRACE_S; wait for `process`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def logged(command: list[str], workspace: Path, env: dict[str, str]) -> tuple[int, list[str]]:
+    """run_logged into this task run's logs."""
+    logger = get_run_logger()
+    return run_logged(command, workspace, env, lambda line: logger.info("%s", line))
 
 
 def check(stage: str, returncode: int, tail: list[str]) -> None:
@@ -162,7 +196,7 @@ def default_remote(workspace: Path, env: dict[str, str]) -> str | None:
     return done.stdout.strip() or None
 
 
-@task(task_run_name="params")
+@task(task_run_name="params", cache_policy=NO_CACHE)
 def apply_params(workspace: Path, params_file: str | None, overrides: dict[str, Any]) -> None:
     """Copy `params_file` over params.yaml, then apply the overrides as `dvc exp run -S` does."""
     from dvc.exceptions import InvalidArgumentError
@@ -183,34 +217,34 @@ def apply_params(workspace: Path, params_file: str | None, overrides: dict[str, 
         logger.info("params.yaml overrides: %s", " ".join(hydra_overrides(overrides)))
 
 
-@task(task_run_name="{stage}")
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)
 def run_stage(stage: str, workspace: Path, env: dict[str, str], pull: bool) -> None:
     """`dvc repro` of one stage: a stage whose deps and params are unchanged is not run again, and one DVC
     ran before with the same inputs (its run cache, pulled from the remote when `pull`) is restored."""
     command = dvc("repro", "--single-item", *(["--pull"] if pull else []), stage)
-    check(stage, *run_logged(command, workspace, env))
+    check(stage, *logged(command, workspace, env))
 
 
-@task(task_run_name="promote")
+@task(task_run_name="promote", cache_policy=NO_CACHE)
 def promote_version(workspace: Path, env: dict[str, str]) -> bool:
     """`wflw promote`: champion moves to this run's version only when the gate accepts it."""
-    returncode, tail = run_logged(["wflw", "promote", "--params", "params.yaml"], workspace, env)
+    returncode, tail = logged(["wflw", "promote", "--params", "params.yaml"], workspace, env)
     if returncode == PROMOTE_REFUSED:
         return False
     check("promote", returncode, tail)
     return True
 
 
-@task(task_run_name="save experiment")
+@task(task_run_name="save experiment", cache_policy=NO_CACHE)
 def save_experiment(workspace: Path, env: dict[str, str], name: str) -> None:
     """`dvc exp save`: the workspace's params, dvc.lock and metrics as DVC experiment `name`."""
-    check("dvc exp save", *run_logged(dvc("exp", "save", "--force", "-n", name), workspace, env))
+    check("dvc exp save", *logged(dvc("exp", "save", "--force", "-n", name), workspace, env))
 
 
-@task(task_run_name="push")
+@task(task_run_name="push", cache_policy=NO_CACHE)
 def push(workspace: Path, env: dict[str, str], remote: str) -> None:
     """`dvc push` of the outputs and the run cache, so other clones and workers start from them."""
-    check("dvc push", *run_logged(dvc("push", "--run-cache", "-r", remote), workspace, env))
+    check("dvc push", *logged(dvc("push", "--run-cache", "-r", remote), workspace, env))
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -262,7 +296,7 @@ def outcome_markdown(
     return "\n".join(lines)
 
 
-@task(task_run_name="outcome")
+@task(task_run_name="outcome", cache_policy=NO_CACHE)
 def publish(workspace: Path, promoted: bool | None, experiment: str) -> dict[str, Any]:
     """The flow's result and its artifacts, read from the outputs evaluate and register wrote."""
     metrics = json.loads((workspace / "data/eval/metrics.json").read_text())
@@ -323,12 +357,12 @@ def train_wflw(
     """
     root = Path(workspace).resolve() if workspace else CHECKOUT
     experiment = re.sub(r"[^A-Za-z0-9_-]+", "-", flow_run.name or "train-wflw")
-    env = command_env(root, experiment)
+    env = command_env(experiment)
     limit = workspace_limit(root)
     ensure_limit(limit)
     logger = get_run_logger()
     logger.info("workspace %s: waiting for concurrency limit %s", root, limit)
-    with concurrency(limit, occupy=1, strict=True):
+    with concurrency(limit, occupy=1, strict=True, lease_duration=LEASE_S):
         params_path = root / "params.yaml"
         original = params_path.read_bytes()
         try:

@@ -7,70 +7,33 @@ import csv
 import hashlib
 import io
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from repo_copy import BIN, pipeline_env, repo_copy, tiny_params
 
 pytestmark = pytest.mark.slow
 
 EXPERIMENT = "wflw-deeppose"  # params.yaml's tracking.experiment
 MODEL = "wflw-deeppose"  # and registry.model_name
-UNSET = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DVC_EXP_NAME", "DVC_ROOT", "PREFECT__FLOW_RUN_ID")
-"""Environment of the calling process that would send the stages' MLflow elsewhere or tag the runs."""
-
-
-def _repo_copy(dest: Path) -> Path:
-    """The files git would put in a clone (tracked plus untracked, not ignored) in a fresh git repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split("\0")
-    for name in filter(None, listed):
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    return dest
-
-
-GIT_USER = {"NAME": "t", "EMAIL": "t@t"}
 
 
 def _dvc(repo: Path, *args: str) -> str:
     """Run DVC in `repo`; its stages run the copy's own code (src/ first on PYTHONPATH)."""
-    env = {
-        **{key: value for key, value in os.environ.items() if key not in UNSET},
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(repo / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        **{f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER") for what, value in GIT_USER.items()},
-    }
-    done = subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [str(BIN / "dvc"), *args], cwd=repo, env=pipeline_env(repo), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
 
 def test_dvc_repro_runs_every_stage_then_is_up_to_date(tmp_path):
-    repo = _repo_copy(tmp_path / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["synthetic"].update(train_faces=24, test_faces=12, max_image_size=400)
-    params["convert"].update(crop_size=64, val_fraction=0.25)
-    params["model"].update(input_size=32)
-    params["train"].update(epochs=1, batch_size=8, warmup_iters=1)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo = repo_copy(tmp_path / "repo")
+    params = tiny_params(repo)
 
     _dvc(repo, "repro")
 

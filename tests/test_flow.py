@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,17 @@ from flow_project import make_project, stage_runs
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.testing.utilities import prefect_test_harness
-from train_wflw import StageFailed, failure, hydra_overrides, output_lines, results_table
+from train_wflw import StageFailed, failure, hydra_overrides, output_lines, results_table, run_logged
 
 DVC = Path(sys.executable).parent / "dvc"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry: no network beyond loopback
+        with prefect_test_harness(server_startup_timeout=60):
+            yield
 
 
 @pytest.fixture(autouse=True)
@@ -177,6 +181,32 @@ def test_output_lines_split_progress_redraws_into_lines():
         "download:  50%|#####|",
         "download: 100%",
     ]
+
+
+def test_an_interrupted_command_is_stopped_with_every_process_it_started(tmp_path):
+    script = "sleep 60 & echo $!; wait"  # a shell with a child, as DVC runs `wflw train`
+    seen = []
+
+    def log(line: str) -> None:
+        seen.append(line)
+        if line.isdigit():
+            raise KeyboardInterrupt  # what Prefect's SIGTERM handler raises, in effect, on cancellation
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_logged(["sh", "-c", script], tmp_path, dict(os.environ), log)
+
+    assert time.monotonic() - started < train_wflw.STOP_GRACE_S
+    assert seen[0] == "$ sh -c " + script
+    assert not _running(int(seen[1]))  # the grandchild is gone, not orphaned
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_the_failure_message_is_the_stage_s_own_error_line_else_dvc_s():

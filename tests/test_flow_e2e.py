@@ -11,22 +11,20 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
+from repo_copy import BIN, GIT_USER, pipeline_env, repo_copy, tiny_params
 from servers import background, prefect_server
-from test_dvc_pipeline import GIT_USER, UNSET, _repo_copy
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 EXPERIMENT = MODEL = "wflw-deeppose"  # params.yaml's tracking.experiment and registry.model_name
 RUN_TIMEOUT_S = 300
 
@@ -35,14 +33,8 @@ RUN_TIMEOUT_S = 300
 def workspace(tmp_path_factory) -> Path:
     """A committed copy of the repository with tiny params and a default DVC remote in a local directory."""
     root = tmp_path_factory.mktemp("flow-e2e")
-    repo = _repo_copy(root / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["synthetic"].update(train_faces=24, test_faces=12, max_image_size=400)
-    params["convert"].update(crop_size=64, val_fraction=0.25)
-    params["model"].update(input_size=32)
-    params["train"].update(epochs=1, batch_size=8, warmup_iters=1)
-    params["registry"].update(bootstrap_samples=200)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo = repo_copy(root / "repo")
+    tiny_params(repo)
     _run([str(BIN / "dvc"), "remote", "add", "-d", "shared", str(root / "dvc-remote")], repo, _env(repo, {}))
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "tiny params, a shared DVC remote")
@@ -62,15 +54,7 @@ def prefect(tmp_path_factory, workspace) -> Iterator[dict[str, str]]:
 
 
 def _env(repo: Path, prefect_env: dict[str, str]) -> dict[str, str]:
-    """The venv's scripts first on PATH, the copy's own code first on PYTHONPATH, no outside MLflow."""
-    return {
-        **{key: value for key, value in os.environ.items() if key not in UNSET},
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(repo / "src"),
-        "DVC_NO_ANALYTICS": "1",
-        **{f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER") for what, value in GIT_USER.items()},
-        **prefect_env,
-    }
+    return {**pipeline_env(repo), **prefect_env}
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = RUN_TIMEOUT_S) -> str:
@@ -217,6 +201,64 @@ def test_a_process_worker_runs_the_deployment_of_prefect_yaml(workspace, prefect
     with _client(prefect) as client:
         assert client.read_deployment(run.deployment_id).name == "process"
     assert run.work_pool_name == "wflw"
+
+
+def test_a_cancelled_run_stops_its_stage_and_the_next_run_resumes_training(workspace, prefect):
+    overrides = {"train.epochs": 150, "train.milestones": [140, 145]}
+    first = _trigger(prefect, workspace, "train-wflw/e2e", overrides=overrides)
+    _wait_for_log(prefect, first, re.compile(r"epoch ([3-9]|\d\d+)/150"))  # epoch 2's checkpoint is written
+    _prefect(prefect, "flow-run", "cancel", str(first), cwd=workspace)
+    [cancelled] = _wait_final(prefect, [first])
+
+    assert cancelled.state.is_cancelled(), cancelled.state
+    assert _gone("wflw train", workspace)  # cancelling stopped the stage too
+
+    second = _trigger(prefect, workspace, "train-wflw/e2e", overrides=overrides)
+    [done] = _wait_final(prefect, [second])
+
+    assert done.state.is_completed(), done.state
+    resumed = [line for line in _logs(prefect, second) if "resuming from data/train/checkpoint.pt" in line]
+    assert len(resumed) == 1, resumed
+    assert 2 <= int(resumed[0].rsplit(" ", 1)[1]) < 150
+    assert json.loads((workspace / "data/train/metrics.json").read_text())["epochs"] == 150
+
+
+def _logs(env: dict[str, str], run_id: uuid.UUID) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with _client(env) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return [log.message for log in logs]
+
+
+def _wait_for_log(env: dict[str, str], run_id: uuid.UUID, pattern: re.Pattern, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(pattern.search(line) for line in _logs(env, run_id)):
+        assert time.monotonic() < deadline, f"no log line matching {pattern.pattern}"
+        time.sleep(0.5)
+
+
+def _gone(command: str, cwd: Path, timeout: float = 30) -> bool:
+    """Whether no process matching `command` in `cwd` is left, within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while _processes(command, cwd):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _processes(command: str, cwd: Path) -> list[str]:
+    """Command lines of the running processes in `cwd` whose command line contains `command`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            text = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if command in text and (proc / "cwd").resolve() == cwd.resolve():
+                found.append(text)
+        except OSError:
+            continue
+    return found
 
 
 def test_a_second_clone_pulls_what_the_flow_pushed_and_has_nothing_to_run(workspace, prefect, tmp_path):

@@ -161,7 +161,7 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None) ->
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     with background(cmd, artifacts.parent, env, log) as proc:
-        _wait_healthy(f"{url}/health", proc, log, timeout=60)
+        wait_healthy(f"{url}/health", proc, log, timeout=60)
         yield url
 
 
@@ -190,7 +190,7 @@ def prefect_server(home: Path, port: int | None = None) -> Iterator[dict[str, st
     ]
     log = home / "prefect-server.log"
     with background(cmd, home, env, log) as proc:
-        _wait_healthy(f"{env['PREFECT_API_URL']}/health", proc, log, timeout=90)
+        wait_healthy(f"{env['PREFECT_API_URL']}/health", proc, log, timeout=90)
         yield {key: env[key] for key in ("PREFECT_HOME", "PREFECT_API_URL")}
 
 
@@ -213,7 +213,7 @@ def background(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Ite
         _kill_group(proc)
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     """Wait until GET `url` answers 200; fail with the log's tail if `proc` exits or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while True:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pytest
 from helpers import tiny_parquet
 from mlflow.tracking import MlflowClient
 from pipeline_cli import evaluate, params_file, register, registered, train, wflw
-from servers import HOST, _kill_group, free_port
+from servers import HOST, background, free_port, wait_healthy
 from test_inference import decoded_crops
 
 from wflw_pipeline.export import OnnxPredictor
@@ -66,21 +64,6 @@ def test_register_attaches_the_onnx_file_checked_against_pytorch(champion, tmp_p
     )
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    """Until GET `url` answers 200; RuntimeError with the log's tail if `proc` exits or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:  # URLError: not listening yet
-            time.sleep(0.25)
-    raise RuntimeError(f"{url} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 def test_mlflow_serves_the_champion_over_rest(champion, tmp_path):
     port = free_port()
     url = f"http://{HOST}:{port}"
@@ -93,13 +76,8 @@ def test_mlflow_serves_the_champion_over_rest(champion, tmp_path):
     }
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/m@champion",
                "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", "1"]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        _wait_ready(f"{url}/ping", proc, log, timeout=120)
+    with background(command, tmp_path, env, log) as proc:
+        wait_healthy(f"{url}/ping", proc, log, timeout=120)
         crops = decoded_crops(champion / "parquet" / "test.parquet")
         request = urllib.request.Request(
             f"{url}/invocations",
@@ -108,8 +86,6 @@ def test_mlflow_serves_the_champion_over_rest(champion, tmp_path):
         )
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
-    finally:
-        _kill_group(proc)
     points = np.array(answer["predictions"], np.float32)
     expected = LandmarkPredictor.load(champion / "model" / "model.pt").predict(crops)
     assert points.shape == (8, 98, 2)

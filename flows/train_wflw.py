@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ def run_logged(
     it (`dvc`, the shell, `wflw train`), when this one is interrupted: a cancelled flow run (SIGTERM)
     leaves no stage running."""
     log("$ " + " ".join(command))
-    tail: list[str] = []
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
     with subprocess.Popen(
         command, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, process_group=0
     ) as process:
@@ -141,11 +142,11 @@ def run_logged(
         try:
             for line in output_lines(iter(lambda: stdout.read1(65536), b"")):
                 log(line)
-                tail = [*tail[-TAIL_LINES + 1 :], line]
+                tail.append(line)
         except BaseException:
             stop_group(process)
             raise
-    return process.returncode, tail
+    return process.returncode, list(tail)
 
 
 def stop_group(process: subprocess.Popen) -> None:

@@ -63,16 +63,26 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests flows
 	$(BIN)/ruff format --check src tests flows
 
-# Every distribution comes from the lock at its pinned version and hash (pip checks that the lock is complete), then
-# the project itself goes in editable without touching them, built with the locked setuptools. `pip check` fails if
-# pyproject.toml asks for something the lock lacks: run `make lock`.
+# The install resolves nothing: every distribution is the lock's own file at its pinned version, checked against
+# its hashes and installed with --no-deps, so no release upstream can change or break it. pip and setuptools come
+# from the lock first (the venv starts with the pip and setuptools bundled with Python); the rest is installed by
+# that pip, and the one sdist in the lock (antlr4-python3-runtime, which hydra-core pins and which has no wheel)
+# is built with the locked setuptools (--no-build-isolation), not with whatever an isolated build would fetch.
+# Then the project itself, editable, without touching them. `pip check` fails if the lock lacks something a
+# package needs (run `make lock`); tests/test_lock.py checks what pip check cannot see: what extras ask for.
+BOOTSTRAP := pip setuptools
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -r $(LOCK)
+	awk -v want="$(BOOTSTRAP)" 'BEGIN { split(want, w, " "); for (i in w) keep[w[i]] } \
+		/^[^ #]/ { split($$1, pin, "=="); on = (pin[1] in keep) } on' $(LOCK) > $(VENV)/bootstrap.lock
+	$(BIN)/python -m pip install --no-deps --require-hashes -r $(VENV)/bootstrap.lock
+	$(BIN)/python -m pip install --no-deps --require-hashes --no-build-isolation -r $(LOCK)
 	$(BIN)/python -m pip install --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	touch $(STAMP)
 
+# `make lock` is the one step that asks the indexes for the newest releases: that is its job. Its tools are pinned;
+# what they need is resolved when it runs, and none of it reaches the lock.
 # --generate-hashes hashes the wheels on the local indexes as well as PyPI's, so `pip install -r` (hash-checking)
 # accepts the torch/nvidia wheels from disk. Index and find-links options stay out of the lock: pip's config has them.
 lock:

@@ -28,6 +28,9 @@ PG_USER = "mlflow"
 PG_DATABASE = "mlflow"
 PG_OS_USER = "postgres"
 """Under root the PostgreSQL binaries run as this user (Debian's package makes it): initdb refuses root."""
+START_TIMEOUT_S = 300
+"""How long a server may take to answer its health check. A server that exits fails at once; the bound only
+ends a hang, and is generous for a 2-core machine loaded by other work."""
 
 
 def free_port() -> int:
@@ -161,7 +164,7 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None) ->
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     with background(cmd, artifacts.parent, env, log) as proc:
-        wait_healthy(f"{url}/health", proc, log, timeout=60)
+        wait_healthy(f"{url}/health", proc, log)
         yield url
 
 
@@ -190,7 +193,7 @@ def prefect_server(home: Path, port: int | None = None) -> Iterator[dict[str, st
     ]
     log = home / "prefect-server.log"
     with background(cmd, home, env, log) as proc:
-        wait_healthy(f"{env['PREFECT_API_URL']}/health", proc, log, timeout=90)
+        wait_healthy(f"{env['PREFECT_API_URL']}/health", proc, log)
         yield {key: env[key] for key in ("PREFECT_HOME", "PREFECT_API_URL")}
 
 
@@ -213,7 +216,7 @@ def background(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> Ite
         _kill_group(proc)
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = START_TIMEOUT_S) -> None:
     """Wait until GET `url` answers 200; fail with the log's tail if `proc` exits or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while True:

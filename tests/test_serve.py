@@ -77,14 +77,14 @@ def test_mlflow_serves_the_champion_over_rest(champion, tmp_path):
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/m@champion",
                "--env-manager", "local", "-h", HOST, "-p", str(port), "-w", "1"]  # fmt: skip
     with background(command, tmp_path, env, log) as proc:
-        wait_healthy(f"{url}/ping", proc, log, timeout=120)
+        wait_healthy(f"{url}/ping", proc, log)
         crops = decoded_crops(champion / "parquet" / "test.parquet")
         request = urllib.request.Request(
             f"{url}/invocations",
             data=json.dumps({"inputs": crops.tolist()}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with urllib.request.urlopen(request, timeout=300) as response:
             answer = json.loads(response.read())
     points = np.array(answer["predictions"], np.float32)
     expected = LandmarkPredictor.load(champion / "model" / "model.pt").predict(crops)

@@ -1,5 +1,6 @@
 # `make run`: set up .venv if needed and run the whole pipeline on the embedded default (dvc repro).
 # `make test`: set up .venv if needed, check ruff, run every test (the slow end-to-end ones included).
+# `make test-fast`: the same without the slow end-to-end tests (the unit tier, a few minutes).
 # `make ui`: the MLflow UI for the embedded default store (sqlite:///mlflow.db, artifacts in mlartifacts/) on
 #   http://127.0.0.1:5000 (`make ui MLFLOW_PORT=5001` for another port).
 # `make prefect-server`: Prefect's server and UI (its SQLite database in ~/.prefect) on http://127.0.0.1:4200.
@@ -27,7 +28,7 @@ DEPLOYMENT ?= local
 # The Prefect server the serve process, the worker and `prefect deployment run` talk to.
 PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 
-.PHONY: run test ui prefect-server serve worker lint reference lock clean
+.PHONY: run test test-fast ui prefect-server serve worker lint reference lock clean
 
 run: $(STAMP)
 	$(BIN)/dvc repro
@@ -35,6 +36,9 @@ run: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow"
 
 # --default-artifact-root (not --artifacts-destination): experiments made in the UI keep a local mlartifacts/<id>
 # location, readable by the pipeline's direct sqlite client; runs logged there before are served from their own.

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -31,15 +32,14 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
 
+from wflw_pipeline.data.wflw import SUBSETS
+from wflw_pipeline.errors import ERROR_FILE_ENV, EXIT_REFUSED, EXIT_TEMPFAIL, read_error_file
+from wflw_pipeline.outputs import EVAL, REGISTER, EvalOutputs, RegisterOutputs
+
 CHECKOUT = Path(__file__).resolve().parents[1]
 STAGES = ("fetch", "convert", "train", "evaluate", "register")
-EX_TEMPFAIL = 75
-"""The exit code of a stage that failed on the network (`wflw fetch`, after its own retries)."""
 FETCH_RETRIES = 3
 FETCH_RETRY_DELAYS_S = [60, 300, 900]
-SUBSETS = ("test", "pose", "expression", "illumination", "makeup", "occlusion", "blur")
-PROMOTE_REFUSED = 1
-"""`wflw promote`'s exit code when the gate refuses the candidate (an outcome, not a failure)."""
 TAIL_LINES = 200
 STOP_GRACE_S = 10.0
 """How long a stage's processes get to end after SIGTERM (checkpoints are atomic) before SIGKILL."""
@@ -92,24 +92,26 @@ def output_lines(chunks: Iterable[bytes]) -> Iterator[str]:
         yield text
 
 
-ERROR_LINE = re.compile(r" ERROR [\w.]+: (?P<message>.+)$")
-"""A stage's error as `wflw` logs it: `<time> ERROR <logger>: <message>`."""
 DVC_ERROR = re.compile(r"^ERROR: (?P<message>.+?)(?:, exited with (?P<status>-?\d+))?$")
+"""DVC's own error line, and the exit status of the stage's command when it ran one."""
 
 
-def failure(lines: list[str]) -> tuple[str, int | None]:
-    """The error message of a failed command (the stage's own last error line, else DVC's) and the exit
-    status DVC reports for the stage's command."""
+def dvc_failure(lines: list[str]) -> tuple[str, int | None]:
+    """DVC's last error message in a command's output (else its last line) and the exit status it reports."""
     status = None
-    dvc_message = None
+    message = None
     for line in lines:
         if match := DVC_ERROR.match(line):
-            dvc_message = match["message"]
+            message = match["message"]
             status = int(match["status"]) if match["status"] else status
-    stage_errors = [match["message"] for line in lines if (match := ERROR_LINE.search(line))]
-    if stage_errors:
-        return stage_errors[-1], status
-    return dvc_message or (lines[-1] if lines else "failed with no output"), status
+    return message or (lines[-1] if lines else "failed with no output"), status
+
+
+def failure(error_file: Path, lines: list[str]) -> tuple[str, int | None]:
+    """The error of a failed command: the message and exit code `wflw` wrote to `error_file`, else (no
+    `wflw` command failed: DVC did, or a stage crashed) DVC's own message."""
+    written = read_error_file(error_file)
+    return written if written is not None else dvc_failure(lines)
 
 
 def command_env(experiment: str) -> dict[str, str]:
@@ -161,25 +163,28 @@ def stop_group(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def logged(command: list[str], workspace: Path, env: dict[str, str]) -> tuple[int, list[str]]:
-    """run_logged into this task run's logs."""
+def checked(
+    name: str, command: list[str], workspace: Path, env: dict[str, str], allowed: tuple[int, ...] = (0,)
+) -> int:
+    """Run `command` into this task run's logs, with $WFLW_ERROR_FILE set for the `wflw` command it runs;
+    its exit code, or StageFailed with the command's own error when that code is not `allowed`."""
     logger = get_run_logger()
-    return run_logged(command, workspace, env, lambda line: logger.info("%s", line))
-
-
-def check(stage: str, returncode: int, tail: list[str]) -> None:
-    """StageFailed with the stage's own error message when its command failed."""
-    if returncode != 0:
-        message, status = failure(tail)
-        raise StageFailed(stage, message, status if status is not None else returncode)
+    with tempfile.TemporaryDirectory(prefix="wflw-error-") as folder:
+        error_file = Path(folder) / "error.json"
+        command_env = {**env, ERROR_FILE_ENV: str(error_file)}
+        returncode, tail = run_logged(command, workspace, command_env, lambda line: logger.info("%s", line))
+        if returncode not in allowed:
+            message, status = failure(error_file, tail)
+            raise StageFailed(name, message, status if status is not None else returncode)
+    return returncode
 
 
 def network_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a stage only when its command failed on the network (exit code 75)."""
+    """Retry a stage only when its command failed on the network (EXIT_TEMPFAIL)."""
     try:
         state.result()
     except StageFailed as err:
-        return err.exit_status == EX_TEMPFAIL
+        return err.exit_status == EXIT_TEMPFAIL
     except Exception:  # Prefect's own failures (crashes, cancellations): not retried
         return False
     return False
@@ -223,29 +228,26 @@ def run_stage(stage: str, workspace: Path, env: dict[str, str], pull: bool) -> N
     """`dvc repro` of one stage: a stage whose deps and params are unchanged is not run again, and one DVC
     ran before with the same inputs (its run cache, pulled from the remote when `pull`) is restored."""
     command = dvc("repro", "--single-item", *(["--pull"] if pull else []), stage)
-    check(stage, *logged(command, workspace, env))
+    checked(stage, command, workspace, env)
 
 
 @task(task_run_name="promote", cache_policy=NO_CACHE)
 def promote_version(workspace: Path, env: dict[str, str]) -> bool:
     """`wflw promote`: champion moves to this run's version only when the gate accepts it."""
-    returncode, tail = logged(["wflw", "promote", "--params", "params.yaml"], workspace, env)
-    if returncode == PROMOTE_REFUSED:
-        return False
-    check("promote", returncode, tail)
-    return True
+    command = ["wflw", "promote", "--params", "params.yaml"]
+    return checked("promote", command, workspace, env, allowed=(0, EXIT_REFUSED)) == 0
 
 
 @task(task_run_name="save experiment", cache_policy=NO_CACHE)
 def save_experiment(workspace: Path, env: dict[str, str], name: str) -> None:
     """`dvc exp save`: the workspace's params, dvc.lock and metrics as DVC experiment `name`."""
-    check("dvc exp save", *logged(dvc("exp", "save", "--force", "-n", name), workspace, env))
+    checked("dvc exp save", dvc("exp", "save", "--force", "-n", name), workspace, env)
 
 
 @task(task_run_name="push", cache_policy=NO_CACHE)
 def push(workspace: Path, env: dict[str, str], remote: str) -> None:
     """`dvc push` of the outputs and the run cache, so other clones and workers start from them."""
-    check("dvc push", *logged(dvc("push", "--run-cache", "-r", remote), workspace, env))
+    checked("dvc push", dvc("push", "--run-cache", "-r", remote), workspace, env)
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
@@ -300,9 +302,10 @@ def outcome_markdown(
 @task(task_run_name="outcome", cache_policy=NO_CACHE)
 def publish(workspace: Path, promoted: bool | None, experiment: str) -> dict[str, Any]:
     """The flow's result and its artifacts, read from the outputs evaluate and register wrote."""
-    metrics = json.loads((workspace / "data/eval/metrics.json").read_text())
-    registered = json.loads((workspace / "data/register/registered.json").read_text())
-    results_md = (workspace / "data/eval/results.md").read_text()
+    evaluation = EvalOutputs(workspace / EVAL)
+    metrics = json.loads(evaluation.metrics.read_text())
+    registered = json.loads(RegisterOutputs(workspace / REGISTER).registered.read_text())
+    results_md = evaluation.results.read_text()
     rows = results_table(metrics)
     create_table_artifact(
         rows, key="wflw-metrics", description="NME, FR and AUC on the test set and its subsets"

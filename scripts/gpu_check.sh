@@ -55,29 +55,35 @@ FAILED=()
 START=$SECONDS
 
 # PIPELINE sets tracking.enabled=false: the GPU box has the torch stack only, no MLflow
+# bench reads configs/deeppose_res50_wingloss_wflw.yaml (the reference config); SMALL shrinks it for the smoke
+# run, and steps 1 and 2 keep their compile caches in $WORK/inductor (they compile the same graph).
+CACHE=(--set "train.compile_cache=$WORK/inductor")
 if [[ "$SMOKE" == 1 ]]; then
-    STEP_ARGS=(--arch resnet18 --input-size 64 --batch-size 8 --steps 2 --warmup 1 --repeats 2 --compile off)
-    EPOCH_ARGS=(--arch resnet18 --faces 32 --batch-size 8 --epochs 2 --crop-size 96 --input-size 64 --compile off)
-    LOADER_ARGS=(--faces 16 --batch-size 8 --batches 2 --warmup 1 --repeats 2 --min-image-size 300
-                 --max-image-size 400 --crop-size 96 --input-size 64)
+    SMALL=(--set model.arch=resnet18 --set model.input_size=64 --set convert.crop_size=96 --set train.batch_size=8
+           --set train.compile=false)
+    STEP_ARGS=("${SMALL[@]}" --steps 2 --warmup 1 --repeats 2)
+    EPOCH_ARGS=("${SMALL[@]}" --faces 32 --epochs 2)
+    LOADER_ARGS=("${SMALL[@]}" --faces 16 --batches 2 --warmup 1 --repeats 2
+                 --set data.synthetic.min_image_size=300 --set data.synthetic.max_image_size=400)
     PIPELINE=(data.synthetic.train_faces=48 data.synthetic.test_faces=24 data.synthetic.max_image_size=400
               convert.crop_size=48 model.input_size=32 train.epochs=2 train.batch_size=8 train.warmup_iters=2
               train.milestones=[10] evaluate.batch_size=16 tracking.enabled=false)
     # compile off: the cold/warm compile on the CPU is a slow test of its own (tests/test_bench_start.py)
-    START_ARGS=(--arch resnet18 --input-size 32 --batch-size 4 --faces 8 --crop-size 48 --steps 3 --compile off)
+    START_ARGS=(--set model.arch=resnet18 --set model.input_size=32 --set train.batch_size=4 --faces 8
+                --set convert.crop_size=48 --steps 3 --set train.compile=false)
     LIMITS=(60 60 60 120 90)
 else
-    STEP_ARGS=(--arch resnet50 --input-size 256 --batch-size 256 --steps 100 --warmup 10 --repeats 3
-               --precision bf16 --channels-last --compile both)
-    EPOCH_ARGS=(--arch resnet50 --faces 7500 --batch-size 256 --epochs 3 --crop-size 384 --input-size 256
-                --precision bf16 --channels-last --compile on)
-    LOADER_ARGS=(--faces 512 --batch-size 64 --batches 100 --warmup 10 --repeats 3)
+    # the reference config (ResNet-50 256x256 of 384 px crops, bf16, channels_last) at batch 256
+    STEP_ARGS=(--set train.batch_size=256 --steps 100 --warmup 10 --repeats 3 --set train.precision=bf16
+               --variants eager,compile)
+    EPOCH_ARGS=(--set train.batch_size=256 --faces 7500 --epochs 3 --set train.precision=bf16)
+    LOADER_ARGS=(--set train.batch_size=64 --faces 512 --batches 100 --warmup 10 --repeats 3
+                 --set data.synthetic.min_image_size=800 --set data.synthetic.max_image_size=1200)
     # The embedded default (ResNet-18, 64 px crops of 96) on 3,000 synthetic faces, 20 epochs: a
     # real training through the same commands DVC runs, with bf16/channels_last/fused Adam on the GPU.
     PIPELINE=(data.synthetic.train_faces=3000 data.synthetic.test_faces=500 train.epochs=20 tracking.enabled=false)
-    # the sizes are bench start's CUDA defaults, spelled out: the reference config
-    START_ARGS=(--arch resnet50 --input-size 256 --batch-size 512 --faces 7500 --crop-size 384 --steps 40
-                --precision bf16 --channels-last --compile on)
+    # the reference config as it is (batch 512, compile on), 7,500 crops
+    START_ARGS=(--faces 7500 --steps 40 --set train.precision=bf16)
     # measured on the h100 (2026-11-27, 200-step train-step): 10 s preamble, 166 + 29 + 36 + 66 s;
     # start is ~52 s cold compile + ~20 s of imports, data and steps per run, so ~100 s
     LIMITS=(200 120 60 100 150)
@@ -123,7 +129,8 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "torchvision
       "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 # What gpu_check runs must not need the orchestration stack (the GPU box does not have it).
-from wflw_pipeline import cli, convert, evaluate, fetch, synthetic, train  # noqa: F401
+from wflw_pipeline import cli, convert, evaluate, fetch, train  # noqa: F401
+from wflw_pipeline.data import synthetic  # noqa: F401
 from wflw_pipeline.bench import cli as bench_cli, common, epoch, loader, start, step  # noqa: F401
 cli.build_parser(); bench_cli.build_parser()
 loaded = [m for m in ("requests", "gdown", "dvc", "mlflow", "prefect") if m in sys.modules]
@@ -141,15 +148,14 @@ if [[ "${GPU_CHECK_AB:-0}" != 0 ]]; then
     "$PY" -c 'import sys; from wflw_pipeline.bench.step import parse_variants as p; [p(v) for v in sys.argv[1:]]
 print("A/B variants:", *sys.argv[1:])' "${AB_RUN[@]}" || FAILED+=("ab-variants")
     if [[ "$SMOKE" == 1 ]]; then
-        AB_ARGS=(--arch resnet18 --input-size 32 --steps 2 --warmup 1 --repeats 2)
+        AB_ARGS=(--set model.arch=resnet18 --set model.input_size=32 --steps 2 --warmup 1 --repeats 2)
         AB_SIZE=4
         AB_SIZES=4,8
         # no compiling on the CPU here (tests/test_bench.py checks each compiled variant's training)
         AB_RUN=([options]=eager,graph-step,graph-eager [batch]=eager [coord]=eager [autotune]=eager)
         declare -A AB_LIMIT=([options]=60 [batch]=60 [coord]=60 [autotune]=60)
     else
-        AB_ARGS=(--arch resnet50 --input-size 256 --precision bf16 --channels-last --steps 30 --warmup 5
-                 --repeats 3)
+        AB_ARGS=(--set train.precision=bf16 --steps 30 --warmup 5 --repeats 3)
         AB_SIZE=256
         AB_SIZES=256,384,512
         # estimates: a cold compile ~52 s, the same graph again from the cache ~10 s, eager's first step
@@ -162,10 +168,10 @@ print("A/B variants:", *sys.argv[1:])' "${AB_RUN[@]}" || FAILED+=("ab-variants")
             FAILED+=("ab-$name(unknown)")
             continue
         fi
-        sizes=(--batch-size "$AB_SIZE")
+        sizes=(--batch-sizes "$AB_SIZE")
         [[ "$name" == batch ]] && sizes=(--batch-sizes "$AB_SIZES")
-        run "ab-$name" "${AB_LIMIT[$name]}" "${CLI[@]}" bench train-step "${AB_ARGS[@]}" "${sizes[@]}" \
-            --variants "${AB_RUN[$name]}" --out "$RESULTS/ab_$name"
+        run "ab-$name" "${AB_LIMIT[$name]}" "${CLI[@]}" bench train-step "${AB_ARGS[@]}" "${CACHE[@]}" \
+            "${sizes[@]}" --variants "${AB_RUN[$name]}" --out "$RESULTS/ab_$name"
     done
     echo
     echo "=== gpu_check A/B done in $((SECONDS - START)) s; results in $RESULTS:"
@@ -179,10 +185,10 @@ print("A/B variants:", *sys.argv[1:])' "${AB_RUN[@]}" || FAILED+=("ab-variants")
 fi
 
 # 1. train-step (the headline: images/s, MFU) --------------------------------------------------------
-run train-step "${LIMITS[0]}" "${CLI[@]}" bench train-step "${STEP_ARGS[@]}" --out "$RESULTS"
+run train-step "${LIMITS[0]}" "${CLI[@]}" bench train-step "${STEP_ARGS[@]}" "${CACHE[@]}" --out "$RESULTS"
 
 # 2. epoch: data + step end to end, projected reference schedule -------------------------------------
-run epoch "${LIMITS[1]}" "${CLI[@]}" bench epoch "${EPOCH_ARGS[@]}" --out "$RESULTS"
+run epoch "${LIMITS[1]}" "${CLI[@]}" bench epoch "${EPOCH_ARGS[@]}" "${CACHE[@]}" --out "$RESULTS"
 
 # 3. loader: ours vs reference-style, same faces -----------------------------------------------------
 run loader "${LIMITS[2]}" "${CLI[@]}" bench loader "${LOADER_ARGS[@]}" --work "$WORK/loader" --out "$RESULTS"
@@ -228,8 +234,8 @@ run start "${LIMITS[4]}" "${CLI[@]}" bench start "${START_ARGS[@]}" --work "$WOR
 # 6. optional, outside the 8-minute budget: CUDA graphs + autotuned kernels (compiles for minutes) -------
 if [[ "${GPU_CHECK_AUTOTUNE:-0}" == 1 ]]; then
     BUDGET_S=$((BUDGET_S + 600))
-    run train-step-max-autotune 590 "${CLI[@]}" bench train-step "${STEP_ARGS[@]/both/on}" \
-        --compile-mode max-autotune --out "$RESULTS/max_autotune"
+    run train-step-max-autotune 590 "${CLI[@]}" bench train-step "${STEP_ARGS[@]/eager,compile/compile+autotune+coord+cudagraphs}" \
+        "${CACHE[@]}" --out "$RESULTS/max_autotune"
 fi
 
 echo

@@ -11,7 +11,8 @@ import pytest
 from helpers import default_params, face_line, jpeg, ring_landmarks, small_dataset, write_raw
 from PIL import Image
 
-from wflw_pipeline import contract, convert, wflw
+from wflw_pipeline import convert
+from wflw_pipeline.data import contract, wflw
 from wflw_pipeline.params import ConvertParams
 
 CONTRACT = {
@@ -158,7 +159,7 @@ def _break_line(tmp_path, mutate):
     lines = small_dataset(tmp_path / "raw")
     tokens = lines["train"][1].split()
     lines["train"][1] = " ".join(mutate(tokens))
-    from wflw_pipeline import synthetic
+    from wflw_pipeline.data import synthetic
 
     synthetic.write_annotations_archive(tmp_path / "raw" / wflw.ANNOTATIONS_ARCHIVE, lines)
 
@@ -195,7 +196,7 @@ def test_on_error_skip_skips_and_counts_bad_faces(tmp_path):
 def test_missing_image_names_the_annotation_line(tmp_path):
     lines = small_dataset(tmp_path / "raw")
     lines["test"].append(face_line(ring_landmarks(100, 100, 40), "9--Press_Conference/gone.jpg"))
-    from wflw_pipeline import synthetic
+    from wflw_pipeline.data import synthetic
 
     synthetic.write_annotations_archive(tmp_path / "raw" / wflw.ANNOTATIONS_ARCHIVE, lines)
     with pytest.raises(
@@ -233,7 +234,7 @@ def test_landmarks_far_outside_the_image_are_refused(tmp_path):
     tokens = lines["test"][0].split()
     tokens[0] = "-5000.0"
     lines["test"][0] = " ".join(tokens)
-    from wflw_pipeline import synthetic
+    from wflw_pipeline.data import synthetic
 
     synthetic.write_annotations_archive(tmp_path / "raw" / wflw.ANNOTATIONS_ARCHIVE, lines)
     with pytest.raises(

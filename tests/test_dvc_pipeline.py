@@ -31,6 +31,20 @@ def _dvc(repo: Path, *args: str) -> str:
     return done.stdout
 
 
+def _changed_by_edit(repo: Path, *modules: str) -> list[str]:
+    """The stages `dvc status` finds changed once `modules` (under the package) get a comment; the files
+    are restored after."""
+    paths = [repo / "src" / "wflw_pipeline" / module for module in modules]
+    saved = {path: path.read_text() for path in paths}
+    try:
+        for path, text in saved.items():
+            path.write_text(text + "# an edit\n")
+        return sorted(json.loads(_dvc(repo, "status", "--json")))
+    finally:
+        for path, text in saved.items():
+            path.write_text(text)
+
+
 def test_dvc_repro_runs_every_stage_then_is_up_to_date(tmp_path):
     repo = repo_copy(tmp_path / "repo")
     params = tiny_params(repo)
@@ -93,7 +107,7 @@ def test_dvc_repro_runs_every_stage_then_is_up_to_date(tmp_path):
 
     model_md5 = lambda: _md5(repo / "data/model/model.pt")  # noqa: E731
     before = model_md5()
-    with (repo / "src/wflw_pipeline/losses.py").open("a") as module:
+    with (repo / "src/wflw_pipeline/core/losses.py").open("a") as module:
         module.write("# an edit to code only train imports\n")
     edited = _dvc(repo, "repro")
     # retrained (not "resumed" from the finished checkpoint), so register completes train's new run
@@ -101,6 +115,11 @@ def test_dvc_repro_runs_every_stage_then_is_up_to_date(tmp_path):
     assert (repo / "data/train/history.csv").read_text().count("\n") == 1 + 1
     assert model_md5() == before  # ... to the same bytes, so evaluate, which does not import it, is skipped
     assert "didn't change" in _dvc(repo, "repro")
+    # train imports mlops/live_run.py only: the gate, the registry and the pyfunc model are register's alone
+    assert _changed_by_edit(repo, "mlops/promotion.py", "mlops/registry.py", "mlops/pyfunc.py") == [
+        "register"
+    ]
+    assert _changed_by_edit(repo, "mlops/live_run.py") == ["register", "train"]
     trained = _train_run(repo)
     assert len(_runs(client)) == 3 and client.get_run(trained).info.status == "FINISHED"
     assert _challenger(client) == "3"

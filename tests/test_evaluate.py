@@ -9,15 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import default_params, tiny_trained
+from paths import ROOT
 from torch import nn
 
-from wflw_pipeline import cli, contract, engine, evaluate, geometry, report, wflw
-from wflw_pipeline.dataset import FaceSet, load_faces
-from wflw_pipeline.metrics import MetricsError, auc, ced, failure_rate, nme_per_face
-from wflw_pipeline.model import MODEL_FORMAT_VERSION, TRAINED_KEYS, CheckpointError, load_trained
-from wflw_pipeline.runtime import Precision
+from wflw_pipeline import cli, evaluate
+from wflw_pipeline.core import engine, geometry, report
+from wflw_pipeline.core.geometry import CropRule, View
+from wflw_pipeline.core.metrics import MetricsError, auc, ced, failure_rate, mean_shape_nme, nme_per_face
+from wflw_pipeline.core.model import IMAGENET
+from wflw_pipeline.core.runtime import Precision
+from wflw_pipeline.data import contract, wflw
+from wflw_pipeline.data.dataset import FaceSet, load_faces
 
-ROOT = Path(__file__).resolve().parents[1]
 SUBSET_KEYS = {"test", "pose", "expression", "illumination", "makeup", "occlusion", "blur"}
 EVAL = replace(default_params().evaluate, device="cpu", batch_size=4, grid_faces=2)
 
@@ -43,6 +46,14 @@ def test_a_face_exactly_at_the_threshold_is_no_failure_and_counts_in_the_ced():
     assert nme.tolist() == [0.1, 0.2]
     assert failure_rate(nme, 0.1) == 0.5
     assert ced(nme, np.array([0.0999, 0.1, 0.2])).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_the_mean_shape_nme_worked_out_by_hand():
+    gt = np.zeros((1, wflw.NUM_POINTS, 2))
+    gt[0, wflw.RIGHT_EYE_OUTER] = (4.0, 0.0)  # inter-ocular distance 4
+    shape = np.full((wflw.NUM_POINTS, 2), 0.5)  # the input's centre: crop pixel (2, 2) for crop 4, context 2
+    # every point sqrt(2^2 + 2^2) px away (point 72 too), over 4 -> 0.7071, in %
+    assert mean_shape_nme(shape, 4, 2.0, gt) == pytest.approx(50 * np.sqrt(2), abs=1e-12)
 
 
 def test_fr_ced_and_auc_of_a_small_set_worked_out_by_hand():
@@ -119,9 +130,10 @@ def _predict(shape: torch.Tensor, flip_test: bool) -> torch.Tensor:
     return engine.predict(
         _Constant(shape),
         _random_faces(),
-        view=engine.View(48, 1.5, 32),
+        view=View(48, 1.5, 32),
         batch_size=2,
         precision=Precision(None, channels_last=False),
+        normalize=IMAGENET,
         flip_test=flip_test,
     )
 
@@ -172,41 +184,6 @@ def test_flip_test_of_a_constant_asymmetric_shape_averages_it_with_its_mirror():
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     """(parquet dir, model.pt) of a resnet18 trained 1 epoch at input 32 on 10 + 8 hand-made faces."""
     return tiny_trained(tmp_path_factory.mktemp("eval"))
-
-
-def test_load_trained_gives_the_model_and_its_view(trained):
-    _, model_path = trained
-    model, info = load_trained(model_path)
-    assert not model.training and info["arch"] == "resnet18" and "model" not in info
-    assert info["view"] == {"crop_size": 48, "context": 1.5, "input_size": 32}
-    saved = torch.load(model_path, weights_only=True)["model"]
-    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
-
-
-def test_missing_or_garbled_checkpoints_name_the_path(tmp_path):
-    with pytest.raises(CheckpointError, match=r"nowhere\.pt: trained model not found"):
-        load_trained(tmp_path / "nowhere.pt")
-    garbled = tmp_path / "garbled.pt"
-    garbled.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"garbled\.pt: cannot read"):
-        load_trained(garbled)
-    partial = tmp_path / "partial.pt"
-    torch.save({"model": {}, "arch": "resnet18"}, partial)
-    with pytest.raises(
-        CheckpointError, match=r"partial\.pt: not a model written by .* \(lacks \['format_version'"
-    ):
-        load_trained(partial)
-    wrong = tmp_path / "wrong.pt"
-    complete = {key: {} for key in TRAINED_KEYS} | {
-        "format_version": MODEL_FORMAT_VERSION,
-        "arch": "resnet18",
-    }
-    torch.save(complete | {"view": dict.fromkeys("abc")}, wrong)
-    with pytest.raises(CheckpointError, match=r"wrong\.pt: `view` must hold"):
-        load_trained(wrong)
-    torch.save(complete | {"format_version": 1}, wrong)
-    with pytest.raises(CheckpointError, match=r"wrong\.pt: model format 1, this version reads 2"):
-        load_trained(wrong)
 
 
 def test_the_stage_writes_every_output_with_the_documented_keys(trained, tmp_path):
@@ -354,9 +331,9 @@ def test_an_empty_subset_gets_null_metrics_and_the_plots_still_draw(trained, tmp
 
 
 def test_a_test_split_boxed_otherwise_than_the_training_data_is_warned_about(caplog):
-    info = {"face_box": {"bbox": "landmarks", "padding": 1.25}}
+    trained = CropRule("landmarks", 1.25, 1.5, 96)
     meta = {"crop": {"bbox": "rect", "padding": 1.25, "context": 1.5, "crop_size": 96}}
-    evaluate._check_view(info, meta, Path("model.pt"), Path("test.parquet"))
+    evaluate._check_crop(trained, meta, Path("model.pt"), Path("test.parquet"))
     assert caplog.messages == [
         "model.pt was trained on faces boxed with convert.bbox=landmarks "
         "but test.parquet was made with bbox=rect"

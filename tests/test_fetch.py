@@ -20,9 +20,9 @@ import pytest
 from helpers import default_params
 
 from wflw_pipeline import fetch
+from wflw_pipeline.data.wflw import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE, annotation_member
 from wflw_pipeline.fetch import FetchError, run_fetch
 from wflw_pipeline.params import DataParams, SyntheticParams
-from wflw_pipeline.wflw import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE, annotation_member
 
 
 def _tar_gz(members: dict[str, bytes]) -> bytes:

@@ -20,6 +20,9 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.testing.utilities import prefect_test_harness
 from train_wflw import StageFailed, failure, hydra_overrides, output_lines, results_table, run_logged
 
+from wflw_pipeline import cli
+from wflw_pipeline.errors import ERROR_FILE_ENV, EXIT_TEMPFAIL, write_error_file
+
 DVC = Path(sys.executable).parent / "dvc"
 
 
@@ -209,15 +212,35 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_the_failure_message_is_the_stage_s_own_error_line_else_dvc_s():
+def test_the_failure_is_what_the_stage_wrote_to_its_error_file_else_dvc_s_message(tmp_path, monkeypatch):
+    error_file = tmp_path / "error.json"
     stage_output = [
-        "> wflw train --parquet data/parquet",
-        "2026-11-27 08:00:00,000 ERROR wflw_pipeline.cli: data/parquet/train.parquet: not found",
-        "ERROR: failed to reproduce 'train': failed to run: wflw train --parquet data/parquet, exited with 2",
+        "> wflw fetch --out data/raw",
+        "2026-11-27 08:00:00,000 ERROR wflw_pipeline.cli: an earlier, logged error",
+        "ERROR: failed to reproduce 'fetch': failed to run: wflw fetch --out data/raw, exited with 1",
     ]
-    assert failure(stage_output) == ("data/parquet/train.parquet: not found", 2)
-    assert failure(["ERROR: 'dvc.yaml' does not exist"]) == ("'dvc.yaml' does not exist", None)
-    assert failure([]) == ("failed with no output", None)
+    dvc_says = "failed to reproduce 'fetch': failed to run: wflw fetch --out data/raw"
+    assert failure(error_file, stage_output) == (dvc_says, 1)  # no file: DVC's message, not the log line
+    assert failure(error_file, ["ERROR: 'dvc.yaml' does not exist"]) == ("'dvc.yaml' does not exist", None)
+    assert failure(error_file, []) == ("failed with no output", None)
+
+    monkeypatch.setenv(ERROR_FILE_ENV, str(error_file))
+    write_error_file("https://x/a.tar.gz: download failed after 3 attempts: timed out", EXIT_TEMPFAIL)
+
+    expected = ("https://x/a.tar.gz: download failed after 3 attempts: timed out", 75)
+    assert failure(error_file, stage_output) == expected  # the file, not the log
+
+
+def test_a_failed_wflw_command_writes_its_error_and_exit_code_for_the_flow(tmp_path, monkeypatch):
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv(ERROR_FILE_ENV, str(error_file))
+
+    code = cli.main(["fetch", "--params", str(tmp_path / "missing.yaml")])
+
+    message = f"{tmp_path / 'missing.yaml'}: params file not found"
+    assert code == 2
+    assert json.loads(error_file.read_text()) == {"message": message, "exit_code": 2}
+    assert failure(error_file, ["ERROR: failed to reproduce 'fetch', exited with 255"]) == (message, 2)
 
 
 def test_results_table_rows():

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import yaml
 from helpers import PARAMS_YAML, default_params
+from paths import ROOT
 
 from wflw_pipeline import cli
 from wflw_pipeline.params import Params, ParamsError, load_params
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

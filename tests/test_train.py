@@ -10,11 +10,13 @@ import pytest
 import torch
 from helpers import default_params, tiny_parquet
 
-from wflw_pipeline import engine, losses, runtime, train
-from wflw_pipeline.dataset import FaceSet, load_faces
-from wflw_pipeline.model import build_model
+from wflw_pipeline import train
+from wflw_pipeline.core import engine, losses, runtime
+from wflw_pipeline.core.model import build_model
+from wflw_pipeline.core.runtime import Precision
+from wflw_pipeline.data.dataset import FaceSet, load_faces
+from wflw_pipeline.outputs import TrainOutputs
 from wflw_pipeline.params import Params
-from wflw_pipeline.runtime import Precision
 
 NO_AUGMENT = replace(
     default_params().augment, flip_prob=0.0, rotation_prob=0.0, shift_prob=0.0, scale_min=1.0, scale_max=1.0
@@ -46,31 +48,8 @@ def parquet_dir(tmp_path_factory) -> Path:
     return tiny_parquet(tmp_path_factory.mktemp("data"), test=3)
 
 
-def _outputs(tmp_path: Path) -> train.Outputs:
-    return train.Outputs(tmp_path / "model", tmp_path / "train")
-
-
-def test_lr_schedule_matches_the_reference_by_hand():
-    config = replace(
-        default_params().train,
-        epochs=210,
-        warmup_iters=500,
-        warmup_ratio=0.001,
-        schedule="step",
-        milestones=(170, 200),
-        gamma=0.1,
-    )
-    factor = train.lr_factor(config, iters_per_epoch=15)
-    assert factor(0) == pytest.approx(0.001)
-    assert factor(250) == pytest.approx(0.5005)  # halfway up the warm-up: 0.001 + 0.999 * 0.5
-    assert factor(500) == pytest.approx(1.0)
-    assert factor(169 * 15 + 14) == pytest.approx(1.0)
-    assert factor(170 * 15) == pytest.approx(0.1)
-    assert factor(200 * 15) == pytest.approx(0.01)
-    cosine = train.lr_factor(replace(config, schedule="cosine", warmup_iters=0), iters_per_epoch=10)
-    assert cosine(0) == pytest.approx(1.0)
-    assert cosine(1050) == pytest.approx(0.5)
-    assert cosine(2100) == pytest.approx(0.0)
+def _outputs(tmp_path: Path) -> TrainOutputs:
+    return TrainOutputs(tmp_path / "model", tmp_path / "train")
 
 
 def test_unavailable_device_is_a_clear_error(monkeypatch):
@@ -137,6 +116,8 @@ def test_train_writes_model_history_metrics_and_a_checkpoint(tmp_path, parquet_d
     assert metrics["selected_epoch"] == 1 + val_nme.index(min(val_nme))
     assert metrics["val_nme"] == pytest.approx(min(val_nme), rel=1e-5)  # history.csv keeps 6 digits
     assert math.isfinite(metrics["val_nme"]) and math.isfinite(metrics["baseline_val_nme"])
+    ran_on = {"device": "cpu", "device_name": "cpu", "torch_version": torch.__version__}
+    assert {key: metrics[key] for key in ran_on} == ran_on  # what register's rebuilt run is tagged with
     saved = torch.load(out.model, weights_only=True)
     assert saved["epoch"] == metrics["selected_epoch"]
     assert saved["arch"] == "resnet18" and saved["view"] == {
@@ -325,7 +306,7 @@ def test_a_checkpoint_written_by_other_code_is_not_resumed(tmp_path, parquet_dir
     with pytest.raises(KeyboardInterrupt):
         train.run_train(_params(epochs=2), parquet_dir, out, on_epoch_end=killed)
     assert torch.load(out.checkpoint, weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(train.codebase, "digest", lambda paths: "edited code")
+    monkeypatch.setattr(train.stage_code, "digest", lambda paths: "edited code")
     metrics = train.run_train(_params(epochs=2), parquet_dir, out)
     assert "written with other params, data or code: starting afresh" in caplog.text
     assert "resuming" not in caplog.text

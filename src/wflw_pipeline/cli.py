@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import logging
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .errors import PipelineError
-from .params import Params, PredictParams, load_params
-
-if TYPE_CHECKING:
-    from .tracking import OnnxExport
+from .errors import PipelineError, exit_code, require_mlflow, write_error_file
+from .outputs import (
+    EVAL,
+    MODEL,
+    PARQUET,
+    RAW,
+    REGISTER,
+    TRAIN,
+    ConvertOutputs,
+    EvalOutputs,
+    RegisterInputs,
+    RegisterOutputs,
+    TrainOutputs,
+    untracked,
+)
+from .params import Params, PredictParams, add_params_options, load_params
 
 logger = logging.getLogger("wflw_pipeline")
 
@@ -29,111 +37,51 @@ def _fetch(params: Params, args: argparse.Namespace) -> None:
 
 def _convert(params: Params, args: argparse.Namespace) -> None:
     from .convert import run_convert
-    from .preview import write_preview
 
-    out = Path(args.out)
-    summary = run_convert(params.convert, Path(args.raw), out)
-    logger.info("wrote %s: %s", out, summary["faces"])
-    write_preview(out / "test.parquet", out / "preview.png")
+    summary = run_convert(params.convert, Path(args.raw), Path(args.out))
+    logger.info("wrote %s: %s", args.out, summary["faces"])
 
 
 def _train(params: Params, args: argparse.Namespace) -> None:
-    from .train import Outputs, run_train
+    from .train import run_train, tracking
 
-    parquet, outputs = Path(args.parquet), Outputs(Path(args.model_dir), Path(args.train_dir))
-    with _tracked_training(params, parquet, outputs.train_dir) as on_epoch_end:
+    parquet, outputs = Path(args.parquet), TrainOutputs(Path(args.model_dir), Path(args.train_dir))
+    with tracking(params, parquet, outputs) as on_epoch_end:
         metrics = run_train(params, parquet, outputs, on_epoch_end)
     logger.info("train metrics: %s", metrics)
-
-
-def _tracked_training(params: Params, parquet: Path, train_dir: Path) -> contextlib.AbstractContextManager:
-    """MLflow's live tracking of the training (tracking.enabled), else a note that there is none."""
-    from . import fileio
-    from .provenance import RUN_REF, untracked
-    from .runtime import Distributed
-
-    if params.tracking.enabled:
-        _require_mlflow()
-        from .tracking import tracked_training
-
-        return tracked_training(params, parquet, train_dir)
-    if Distributed.from_env().main:
-        fileio.write_json(train_dir / RUN_REF, untracked("tracking.enabled is false"))
-    return contextlib.nullcontext()
-
-
-def _require_mlflow() -> None:
-    """A clear error, not an ImportError traceback, where MLflow is not installed."""
-    if importlib.util.find_spec("mlflow") is None:
-        raise PipelineError(
-            "tracking.enabled is true but MLflow is not installed: install it, or run with "
-            "--set tracking.enabled=false (e.g. on a bare GPU box)"
-        )
 
 
 def _register(params: Params, args: argparse.Namespace) -> None:
     if not params.tracking.enabled:
         from . import fileio
-        from .provenance import untracked
 
-        fileio.write_json(Path(args.out) / "registered.json", untracked("tracking.enabled is false"))
+        fileio.write_json(RegisterOutputs(Path(args.out)).registered, untracked("tracking.enabled is false"))
         logger.info("tracking.enabled is false: nothing registered")
         return
-    _require_mlflow()
-    from .tracking import RegisterInputs, run_register
+    require_mlflow()
+    from .register import run_register
 
-    inputs = RegisterInputs(Path(args.train_dir), Path(args.model), Path(args.eval), Path(args.parquet))
-    run_register(params, inputs, Path(args.out), _checked_onnx(inputs.parquet_dir / "test.parquet"))
-
-
-ONNX_CHECK_CROPS = 16
-"""Test crops on which register checks the ONNX export against PyTorch."""
-
-
-def _checked_onnx(test_split: Path) -> OnnxExport:
-    """What register calls to export model.pt to ONNX in a folder, checked on the test split's first crops."""
-    from .dataset import load_faces
-    from .export import check_onnx, export_onnx
-    from .tracking import OnnxFile
-
-    def export(model: Path, folder: Path) -> OnnxFile:
-        path = export_onnx(model, folder / "model.onnx")
-        crops = load_faces(test_split).images[:ONNX_CHECK_CROPS].permute(0, 2, 3, 1).numpy()
-        worst = check_onnx(path, model, crops)
-        logger.info("ONNX export matches PyTorch to %.2g px on %d test crops", worst, len(crops))
-        return OnnxFile(path, worst, len(crops))
-
-    return export
-
-
-def _model_file(params: Params, model: str | None, folder: Path) -> tuple[Path, str]:
-    """(local model.pt, its name for the outputs) of --model: a file, or a models:/ or runs:/ URI (default:
-    the registry's champion) downloaded into `folder`."""
-    uri = model or f"models:/{params.registry.model_name}@champion"
-    if Path(uri).is_file():
-        return Path(uri), uri
-    if not uri.startswith(("models:/", "runs:/")):
-        raise PipelineError(f"--model {uri}: no such file, and not a models:/ or runs:/ URI")
-    _require_mlflow()
-    from .tracking import download_model_file
-
-    return download_model_file(params.tracking, uri, folder), uri
+    train = TrainOutputs(train_dir=Path(args.train_dir))
+    splits, evaluation = ConvertOutputs(Path(args.parquet)), EvalOutputs(Path(args.eval))
+    run_register(
+        params, RegisterInputs(train, Path(args.model), evaluation, splits), RegisterOutputs(Path(args.out))
+    )
 
 
 def _predict(params: Params, args: argparse.Namespace) -> None:
-    from .inference import LandmarkPredictor
-    from .model import load_trained
-    from .predict import CropRule, Face, check, find_images, parse_bbox, predict_images
-    from .runtime import resolve_device
+    from .core.runtime import resolve_device
+    from .serving.inference import LandmarkPredictor
+    from .serving.model_uri import model_file
+    from .serving.predict import Face, check, find_images, parse_bbox, predict_images
 
     config = params.predict
     box = parse_bbox(args.bbox) if args.bbox else None
     sources = find_images([Path(path) for path in args.paths])
     with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:
-        model_path, name = _model_file(params, args.model, Path(folder))
-        rule = CropRule.from_info(load_trained(model_path)[1])
+        model_path, name = model_file(params, args.model, Path(folder))
         predictor = LandmarkPredictor.load(model_path, resolve_device(config.device, key="predict.device"))
     find_faces = (lambda image: [Face(box, None)]) if box else _detector(config)
+    rule = predictor.trained.crop
     summary = predict_images(sources, predictor, rule, find_faces, config, Path(args.out), name)
     steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary.seconds.items())
     logger.info("%d images, %d faces -> %s (%s)", summary.images, summary.faces, args.out, steps)
@@ -141,17 +89,18 @@ def _predict(params: Params, args: argparse.Namespace) -> None:
 
 
 def _detector(config: PredictParams) -> Callable:
-    from .predict import Detector
+    from .serving.predict import Detector
 
     return Detector(config.upsample, config.detect_max_side, config.min_score)
 
 
 def _export(params: Params, args: argparse.Namespace) -> None:
-    from .export import check_onnx, export_onnx, noise_crops
-    from .inference import LandmarkPredictor
+    from .serving.export import check_onnx, export_onnx, noise_crops
+    from .serving.inference import LandmarkPredictor
+    from .serving.model_uri import model_file
 
     with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:
-        model_path, name = _model_file(params, args.model, Path(folder))
+        model_path, name = model_file(params, args.model, Path(folder))
         out = export_onnx(model_path, Path(args.out))
         crops = noise_crops(LandmarkPredictor.load(model_path).crop_size)
         worst = check_onnx(out, model_path, crops)
@@ -161,7 +110,7 @@ def _export(params: Params, args: argparse.Namespace) -> None:
 
 
 def _promote(params: Params, args: argparse.Namespace) -> None:
-    from .tracking import PromotionRefused, promote
+    from .mlops.registry import PromotionRefused, promote
 
     try:
         print(promote(params, args.version, force=args.force, reason=args.reason))
@@ -171,13 +120,13 @@ def _promote(params: Params, args: argparse.Namespace) -> None:
 
 
 def _rollback(params: Params, args: argparse.Namespace) -> None:
-    from .tracking import rollback
+    from .mlops.registry import rollback
 
     print(rollback(params, args.reason))
 
 
 def _models(params: Params, args: argparse.Namespace) -> None:
-    from .tracking import models
+    from .mlops.registry import models
 
     print(models(params))
 
@@ -190,7 +139,7 @@ def _evaluate(params: Params, args: argparse.Namespace) -> None:
 
 
 def _preview(params: Params, args: argparse.Namespace) -> None:
-    from .preview import write_preview
+    from .data.preview import write_preview
 
     write_preview(Path(args.parquet), Path(args.out), per_row=args.per_row)
     logger.info("wrote %s", args.out)
@@ -211,19 +160,6 @@ def _parse_bench(rest: Sequence[str], top: argparse.Namespace) -> argparse.Names
     return args
 
 
-def add_params_options(parser: argparse.ArgumentParser) -> None:
-    """--params and --set, which every command takes."""
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one param, e.g. --set convert.crop_size=256 (repeatable; value parsed as YAML)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wflw",
@@ -239,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stage fetch: writes WFLW_images.tar.gz, WFLW_annotations.tar.gz and "
         "manifest.json (source, bytes, SHA-256) into --out. Reads params data.*.",
     )
-    fetch.add_argument("--out", default="data/raw", help="output folder (default: %(default)s)")
+    fetch.add_argument("--out", default=str(RAW), help="output folder (default: %(default)s)")
     fetch.set_defaults(run=_fetch)
 
     convert = commands.add_parser(
@@ -248,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stage convert: streams the archives in --raw, crops every face and writes "
         "{train,val,test}.parquet, summary.json and preview.png into --out. Reads params convert.*.",
     )
-    convert.add_argument("--raw", default="data/raw", help="folder of the archives (default: %(default)s)")
-    convert.add_argument("--out", default="data/parquet", help="output folder (default: %(default)s)")
+    convert.add_argument("--raw", default=str(RAW), help="folder of the archives (default: %(default)s)")
+    convert.add_argument("--out", default=str(PARQUET), help="output folder (default: %(default)s)")
     convert.set_defaults(run=_convert)
 
     train = commands.add_parser(
@@ -260,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics.json}. Reads params model.*, loss.*, augment.*, train.*. Several GPUs or nodes: "
         "torchrun --nproc_per_node N -m wflw_pipeline.cli train.",
     )
-    train.add_argument("--parquet", default="data/parquet", help="splits folder (default: %(default)s)")
-    train.add_argument("--model-dir", default="data/model", help="(default: %(default)s)")
-    train.add_argument("--train-dir", default="data/train", help="(default: %(default)s)")
+    train.add_argument("--parquet", default=str(PARQUET), help="splits folder (default: %(default)s)")
+    train.add_argument("--model-dir", default=str(MODEL), help="(default: %(default)s)")
+    train.add_argument("--train-dir", default=str(TRAIN), help="(default: %(default)s)")
     train.set_defaults(run=_train)
 
     evaluate = commands.add_parser(
@@ -274,10 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Reads params evaluate.*. Works on any checkpoint written by `wflw train`, inside DVC or not.",
     )
     evaluate.add_argument(
-        "--checkpoint", default="data/model/model.pt", help="trained model file (default: %(default)s)"
+        "--checkpoint", default=str(TrainOutputs().model), help="trained model file (default: %(default)s)"
     )
-    evaluate.add_argument("--parquet", default="data/parquet", help="splits folder (default: %(default)s)")
-    evaluate.add_argument("--out", default="data/eval", help="output folder (default: %(default)s)")
+    evaluate.add_argument("--parquet", default=str(PARQUET), help="splits folder (default: %(default)s)")
+    evaluate.add_argument("--out", default=str(EVAL), help="output folder (default: %(default)s)")
     evaluate.set_defaults(run=_evaluate)
 
     preview = commands.add_parser(
@@ -285,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="PNG grid of sample faces with landmarks, one row per subset",
         description="Draws faces of a converted Parquet split with their 98 landmarks.",
     )
-    preview.add_argument("--parquet", default="data/parquet/test.parquet", help="(default: %(default)s)")
-    preview.add_argument("--out", default="data/parquet/preview.png", help="(default: %(default)s)")
+    preview.add_argument(
+        "--parquet", default=str(ConvertOutputs().split("test")), help="(default: %(default)s)"
+    )
+    preview.add_argument("--out", default=str(ConvertOutputs().preview), help="(default: %(default)s)")
     preview.add_argument("--per-row", type=int, default=8, help="faces per row (default: %(default)s)")
     preview.set_defaults(run=_preview)
 
@@ -298,11 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
         "server), creates a version of registry.model_name and points alias challenger at it. Writes "
         "--out/registered.json. Reads params tracking.*, registry.model_name.",
     )
-    register.add_argument("--train-dir", default="data/train", help="(default: %(default)s)")
-    register.add_argument("--model", default="data/model/model.pt", help="(default: %(default)s)")
-    register.add_argument("--eval", default="data/eval", help="evaluate's folder (default: %(default)s)")
-    register.add_argument("--parquet", default="data/parquet", help="(default: %(default)s)")
-    register.add_argument("--out", default="data/register", help="(default: %(default)s)")
+    register.add_argument("--train-dir", default=str(TRAIN), help="(default: %(default)s)")
+    register.add_argument("--model", default=str(TrainOutputs().model), help="(default: %(default)s)")
+    register.add_argument("--eval", default=str(EVAL), help="evaluate's folder (default: %(default)s)")
+    register.add_argument("--parquet", default=str(PARQUET), help="(default: %(default)s)")
+    register.add_argument("--out", default=str(REGISTER), help="(default: %(default)s)")
     register.set_defaults(run=_register)
 
     promote = commands.add_parser(
@@ -399,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(params, args)
     except PipelineError as err:
         logger.error("%s", err)
-        return getattr(err, "exit_code", 2)
+        write_error_file(str(err), exit_code(err))
+        return exit_code(err)
     return 0
 
 

@@ -1,13 +1,7 @@
 """Stage convert: WFLW archives -> Parquet face crops (the data contract in DESIGN.md).
 
-Pixel convention (see `wflw`): annotations put pixel centres at integers, the pipeline is continuous
-(pixel i covers [i, i + 1)). Each face's landmarks and detection rectangle are converted to continuous
-coordinates once, right after parsing (`continuous_geometry`); the face box, the crop affine, the crop
-itself and the crop-pixel `landmarks` are all computed in continuous coordinates. Two columns speak
-WFLW's convention again: `landmarks_image` holds the points exactly as annotated, and `crop_to_image`
-maps crop pixels (continuous) to image pixels as annotated (the continuous affine composed with
-`wflw.to_annotation`), so `crop_to_image(landmarks) == landmarks_image` and a prediction mapped through
-`crop_to_image` is directly comparable with `landmarks_image`.
+Landmarks and rectangles become continuous coordinates once, right after parsing
+(`continuous_geometry`); `landmarks_image` and `crop_to_image` speak WFLW's annotation convention again.
 """
 
 from __future__ import annotations
@@ -23,17 +17,20 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from . import geometry, wflw
-from .contract import FORMAT_VERSION, write_parquet
+from .core import geometry
+from .data import wflw
+from .data.contract import FORMAT_VERSION, write_parquet
+from .data.preview import write_preview
 from .errors import PipelineError
 from .fileio import atomic_paths
+from .outputs import ConvertOutputs
 from .params import ConvertParams
 from .progress import progress_bar
 
@@ -56,18 +53,6 @@ class Face:
     @property
     def key(self) -> tuple[str, int]:
         return (self.split, self.face_id)
-
-
-@dataclass(frozen=True)
-class CropSpec:
-    """What the workers need of ConvertParams (picklable, no params object)."""
-
-    bbox: str
-    padding: float
-    context: float
-    crop_size: int
-    jpeg_quality: int
-    max_outside: float
 
 
 class _HashingReader(io.RawIOBase):
@@ -122,11 +107,10 @@ def continuous_geometry(annotation: wflw.Annotation) -> tuple[np.ndarray, np.nda
     return wflw.to_continuous(annotation.landmarks), wflw.to_continuous(annotation.rect)
 
 
-def crop_transform(annotation: wflw.Annotation, spec: CropSpec) -> np.ndarray:
-    """2x3 affine mapping crop pixels to original image pixels, both continuous (what the warp uses)."""
+def crop_matrix(annotation: wflw.Annotation, rule: geometry.CropRule) -> np.ndarray:
+    """The face's continuous crop -> image affine by `rule` (what the warp uses)."""
     landmarks, rect = continuous_geometry(annotation)
-    box = geometry.face_box(landmarks, rect, spec.bbox)
-    return geometry.crop_matrix(box, spec.padding, spec.context, spec.crop_size)
+    return rule.matrix(geometry.face_box(landmarks, rect, rule.bbox))
 
 
 def stored_crop_to_image(matrix: np.ndarray) -> np.ndarray:
@@ -136,13 +120,15 @@ def stored_crop_to_image(matrix: np.ndarray) -> np.ndarray:
     return stored
 
 
-def _check_geometry(annotation: wflw.Annotation, spec: CropSpec, width: int, height: int) -> str | None:
+def _check_geometry(
+    annotation: wflw.Annotation, params: ConvertParams, width: int, height: int
+) -> str | None:
     """Why this face cannot be cropped, or None."""
     landmarks, rect = continuous_geometry(annotation)
-    side = geometry.face_box(landmarks, rect, spec.bbox)[2]
+    side = geometry.face_box(landmarks, rect, params.bbox)[2]
     if side <= 1.0:
-        return f"degenerate face box ({spec.bbox}) of side {side:.2f} px"
-    margin = spec.max_outside * geometry.face_box(landmarks, (), "landmarks")[2]
+        return f"degenerate face box ({params.bbox}) of side {side:.2f} px"
+    margin = params.max_outside * geometry.face_box(landmarks, (), "landmarks")[2]
     outside = (landmarks[:, 0] < -margin) | (landmarks[:, 0] > width + margin)
     outside |= (landmarks[:, 1] < -margin) | (landmarks[:, 1] > height + margin)
     if outside.any():
@@ -150,23 +136,9 @@ def _check_geometry(annotation: wflw.Annotation, spec: CropSpec, width: int, hei
         pts = annotation.landmarks
         return (
             f"landmark {i} at ({pts[i, 0]:.1f}, {pts[i, 1]:.1f}) lies far outside the "
-            f"{width}x{height} image (tolerance convert.max_outside={spec.max_outside} x face size)"
+            f"{width}x{height} image (tolerance convert.max_outside={params.max_outside} x face size)"
         )
     return None
-
-
-def _crop_face(image: Image.Image, reduced: float, matrix: np.ndarray, crop_size: int) -> Image.Image:
-    """Warp one face out of an image already shrunk by `reduced`, box-filtering large shrinks."""
-    scale = matrix[0, 0] / reduced
-    offset = matrix[:, 2] / reduced
-    factor = int(scale) if scale >= 2 else 1
-    if factor > 1:
-        image = image.reduce(factor)
-        scale, offset = scale / factor, offset / factor
-    data = (scale, 0.0, offset[0], 0.0, scale, offset[1])
-    return image.transform(
-        (crop_size, crop_size), Image.Transform.AFFINE, data=data, resample=Image.Resampling.BILINEAR
-    )
 
 
 def _decode(data: bytes, min_scale: float) -> tuple[Image.Image, int, int, float]:
@@ -183,22 +155,23 @@ def _decode(data: bytes, min_scale: float) -> tuple[Image.Image, int, int, float
     return image, width, height, float(reduced)
 
 
-def process_image(data: bytes, faces: list[Face], spec: CropSpec) -> tuple[list[dict], list[tuple]]:
+def process_image(data: bytes, faces: list[Face], params: ConvertParams) -> tuple[list[dict], list[tuple]]:
     """Crop every face of one image: (rows, [(face key, error message)])."""
-    matrices = [crop_transform(face.annotation, spec) for face in faces]
+    rule = geometry.CropRule.of(params)
+    matrices = [crop_matrix(face.annotation, rule) for face in faces]
     try:
         image, width, height, reduced = _decode(data, min(m[0, 0] for m in matrices))
     except Exception as err:  # Pillow raises many types for bad image bytes
         return [], [(face.key, f"cannot decode image ({type(err).__name__}: {err})") for face in faces]
     rows, errors = [], []
     for face, matrix in zip(faces, matrices, strict=True):
-        problem = _check_geometry(face.annotation, spec, width, height)
+        problem = _check_geometry(face.annotation, params, width, height)
         if problem:
             errors.append((face.key, problem))
             continue
-        crop = _crop_face(image, reduced, matrix, spec.crop_size)
+        crop = rule.warp(image, matrix / reduced)
         buffer = io.BytesIO()
-        crop.save(buffer, format="JPEG", quality=spec.jpeg_quality)
+        crop.save(buffer, format="JPEG", quality=params.jpeg_quality)
         rows.append(_row(face, width, height, matrix, buffer.getvalue()))
     return rows, errors
 
@@ -280,7 +253,7 @@ def _parse_lines(split: str, source: str, text: str, problems: _Problems) -> Ite
 def crop_all(
     archive: _StreamedArchive,
     faces: list[Face],
-    spec: CropSpec,
+    params: ConvertParams,
     workers: int,
     problems: _Problems,
 ) -> list[dict]:
@@ -309,7 +282,7 @@ def crop_all(
         wanted = lambda name: name.startswith(prefix) and name[len(prefix) :] in by_image  # noqa: E731
         for name, data in archive.members(wanted):
             image_faces = by_image.pop(name[len(prefix) :])
-            pending.append(pool.submit(process_image, data, image_faces, spec))
+            pending.append(pool.submit(process_image, data, image_faces, params))
             while len(pending) > 4 * workers:
                 collect(pending.popleft())
         while pending:
@@ -386,16 +359,13 @@ def run_convert(params: ConvertParams, raw_dir: Path, out_dir: Path) -> dict[str
 
     val.parquet is always written (with no rows when `val_fraction` is 0) so its path is stable.
     """
-    spec = CropSpec(
-        params.bbox, params.padding, params.context, params.crop_size, params.jpeg_quality, params.max_outside
-    )
     workers = params.workers or os.cpu_count() or 1
     problems = _Problems(params.on_error)
     annotations = _StreamedArchive(raw_dir / wflw.ANNOTATIONS_ARCHIVE)
     images = _StreamedArchive(raw_dir / wflw.IMAGES_ARCHIVE)
     faces, list_counts = read_annotations(annotations, problems)
     logger.info("parsed %s", ", ".join(f"{len(v)} {k} faces" for k, v in faces.items()))
-    rows = crop_all(images, [f for split in wflw.SPLITS for f in faces[split]], spec, workers, problems)
+    rows = crop_all(images, [f for split in wflw.SPLITS for f in faces[split]], params, workers, problems)
     splits = {split: [row for row in rows if row["split"] == split] for split in wflw.SPLITS}
     _check_test_lists(splits["test"], list_counts, problems)
     splits["train"], splits["val"] = split_validation(splits["train"], params.val_fraction, params.seed)
@@ -408,16 +378,12 @@ def run_convert(params: ConvertParams, raw_dir: Path, out_dir: Path) -> dict[str
         "format_version": FORMAT_VERSION,
         "source": _source(raw_dir),
         "archives": {annotations.path.name: annotations.sha256, images.path.name: images.sha256},
-        "crop": {
-            "bbox": params.bbox,
-            "padding": params.padding,
-            "context": params.context,
-            "crop_size": params.crop_size,
-            "jpeg_quality": params.jpeg_quality,
-        },
+        "crop": {**asdict(geometry.CropRule.of(params)), "jpeg_quality": params.jpeg_quality},
     }
     summary = {"source": metadata["source"], **_summary(splits, list_counts, problems)}
     _write_outputs(out_dir, splits, metadata, summary)
+    outputs = ConvertOutputs(out_dir)
+    write_preview(outputs.split("test"), outputs.preview)
     return summary
 
 

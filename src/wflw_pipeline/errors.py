@@ -1,4 +1,21 @@
-"""The errors a user can cause: the CLI reports them in one line, exit code 2 (75 when transient)."""
+"""The errors a user can cause, every exit code a command ends with, and the error file the flow reads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+EXIT_REFUSED = 1
+"""A command that ran but whose answer is no: the gate refused the promotion, some images failed."""
+EXIT_USER_ERROR = 2
+"""Bad input, params or environment (PipelineError)."""
+EXIT_TEMPFAIL = 75
+"""sysexits.h's EX_TEMPFAIL: a failure that may pass when retried later, which the Prefect flow retries."""
+ERROR_FILE_ENV = "WFLW_ERROR_FILE"
+"""The environment variable naming the file where a failed `wflw` command writes its error (see
+`write_error_file`): the flow sets it for each stage, and reads the stage's error from it."""
 
 
 class PipelineError(ValueError):
@@ -6,7 +23,35 @@ class PipelineError(ValueError):
 
 
 class TransientError(PipelineError):
-    """A failure that may pass when retried later (a network outage): exit code 75, sysexits.h's EX_TEMPFAIL,
-    which the Prefect flow retries on."""
+    """A failure that may pass when retried later (a network outage): exit code EXIT_TEMPFAIL."""
 
-    exit_code = 75
+    exit_code = EXIT_TEMPFAIL
+
+
+def require_mlflow() -> None:
+    """A clear error, not an ImportError traceback, where MLflow is not installed."""
+    if importlib.util.find_spec("mlflow") is None:
+        raise PipelineError(
+            "tracking.enabled is true but MLflow is not installed: install it, or run with "
+            "--set tracking.enabled=false (e.g. on a bare GPU box)"
+        )
+
+
+def exit_code(err: PipelineError) -> int:
+    """The exit code of a command that failed with `err`: its class's, else EXIT_USER_ERROR."""
+    return getattr(err, "exit_code", EXIT_USER_ERROR)
+
+
+def write_error_file(message: str, code: int) -> None:
+    """{"message": the one-line error, "exit_code": code} into $WFLW_ERROR_FILE, when it is set."""
+    if path := os.environ.get(ERROR_FILE_ENV):
+        Path(path).write_text(json.dumps({"message": message, "exit_code": code}) + "\n")
+
+
+def read_error_file(path: Path) -> tuple[str, int] | None:
+    """(message, exit code) a failed command wrote with `write_error_file`, or None if none did."""
+    try:
+        written = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    return str(written["message"]), int(written["exit_code"])

@@ -8,16 +8,8 @@ crops were made with (`convert.bbox`: `landmarks`, the reference protocol, or `r
 detection rectangle) is read from the Parquet metadata and stated in results.md.
 
 Flip test (`evaluate.flip_test`, the reference's test setting): the prediction is averaged with the
-prediction for the mirrored view, mirrored back and with its points re-labelled by `wflw.FLIP`. Pixel
-convention: WFLW's annotations, like MMPose, put pixel centres at integers; convert turns them into
-continuous coordinates once (pixel i covers [i, i + 1), `wflw.to_continuous`), and everything inside,
-the crops, the network input and this flip, is continuous. So an input of side n spans [0, n] and the
-exact mirror is x -> n - x, i.e. x' = 1 - x in normalised units. In the annotation convention (an input
-spans [-0.5, n - 0.5]) the same mirror is MMPose's x -> n - 1 - x, which normalised by n is its
-x' = 1 - x - 1/n (1/256 at 256 px): one geometric mirror written in two conventions, so no extra shift
-is applied here. `engine.predict` does the mirroring through the view's affine, so it is exact at any
-input size. Predictions leave the pipeline through the Parquet `crop_to_image`, which maps crop pixels
-to image pixels in the annotation convention, so they are compared with `landmarks_image` as annotated.
+prediction for the mirrored view, mirrored back and with its points re-labelled by `wflw.FLIP`; why no
+half-pixel shift is applied is in the README (pixel convention).
 
 Outputs (all written to temporary files, then renamed): metrics.json (DVC metrics), per_face.parquet,
 ced.csv (a DVC plot), results.md, ced.png, nme_subsets.png, best_worst.png.
@@ -37,59 +29,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from . import report, wflw
-from .contract import read_metadata
-from .dataset import FaceSet, batch_indices, load_faces
-from .engine import View, predict
+from .core import report
+from .core.engine import predict
+from .core.geometry import CropRule, View, crop_to_image
+from .core.metrics import auc, failure_rate, mean_shape_nme, nme_per_face
+from .core.model import TrainedModel, load_trained
+from .core.runtime import Precision, resolve_device, resolve_precision
+from .data import wflw
+from .data.contract import read_metadata
+from .data.dataset import FaceSet, batch_indices, load_faces
 from .errors import PipelineError
 from .fileio import atomic_paths
-from .geometry import crop_to_image, input_to_crop
-from .metrics import auc, failure_rate, mean_shape_nme, nme_per_face
-from .model import DeepPose, load_trained
+from .outputs import EvalOutputs
 from .params import EvaluateParams
 from .progress import progress_bar
-from .runtime import Precision, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
 
 
 class EvaluateError(PipelineError):
     """Inputs the evaluate stage cannot use (names the file)."""
-
-
-@dataclass(frozen=True)
-class EvalOutputs:
-    """The files the evaluate stage writes into `out_dir`."""
-
-    out_dir: Path
-
-    @property
-    def metrics(self) -> Path:
-        return self.out_dir / "metrics.json"
-
-    @property
-    def per_face(self) -> Path:
-        return self.out_dir / "per_face.parquet"
-
-    @property
-    def ced_csv(self) -> Path:
-        return self.out_dir / "ced.csv"
-
-    @property
-    def results(self) -> Path:
-        return self.out_dir / "results.md"
-
-    @property
-    def ced_png(self) -> Path:
-        return self.out_dir / "ced.png"
-
-    @property
-    def nme_png(self) -> Path:
-        return self.out_dir / "nme_subsets.png"
-
-    @property
-    def grid_png(self) -> Path:
-        return self.out_dir / "best_worst.png"
 
 
 @dataclass(frozen=True)
@@ -155,13 +114,6 @@ def check_subset_counts(flags: np.ndarray, summary_path: Path) -> None:
                 raise EvaluateError(message)
 
 
-def _device_and_precision(params: EvaluateParams, info: dict[str, Any]) -> tuple[torch.device, Precision]:
-    """train's device and precision rules (auto: cuda > mps > cpu; bf16 on CUDA), for evaluate.*."""
-    device = resolve_device(params.device, key="evaluate.device")
-    channels_last = bool(info["params"]["train"]["channels_last"])
-    return device, resolve_precision(params.precision, channels_last, device)
-
-
 def _image_landmarks(path: Path, face_id: np.ndarray) -> np.ndarray:
     table = pq.read_table(path, columns=["face_id", "landmarks_image"])
     if not np.array_equal(table.column("face_id").to_numpy(), face_id):
@@ -171,7 +123,7 @@ def _image_landmarks(path: Path, face_id: np.ndarray) -> np.ndarray:
 
 
 def predict_split(
-    model: DeepPose,
+    trained: TrainedModel,
     faces: FaceSet,
     path: Path,
     *,
@@ -190,11 +142,12 @@ def predict_split(
         part = _take(faces, index)
         chunks.append(
             predict(
-                model,
+                trained.model,
                 part,
                 view=view,
                 batch_size=params.batch_size,
                 precision=precision,
+                normalize=trained.normalize,
                 flip_test=params.flip_test,
             )
         )
@@ -247,21 +200,21 @@ def run_evaluate(
     """
     model_path, parquet_dir, outputs = Path(model_path), Path(parquet_dir), EvalOutputs(Path(out_dir))
     test_path, val_path = parquet_dir / "test.parquet", parquet_dir / "val.parquet"
-    model, info = load_trained(model_path, "cpu")
-    device, precision = _device_and_precision(params, info)
-    model = model.to(device=device, memory_format=precision.memory_format())
+    device = resolve_device(params.device, key="evaluate.device")
+    trained = load_trained(model_path, device)
+    precision = resolve_precision(params.precision, trained.channels_last, device)
     test = load_faces(test_path, device)
     meta = read_metadata(test_path)
     if len(test) == 0:
         raise EvaluateError(f"{test_path}: no test faces")
     check_subset_counts(test.flags.cpu().numpy(), parquet_dir / "summary.json")
-    view = View(test.crop_size, test.context, int(info["view"]["input_size"]))
-    _check_view(info, meta, model_path, test_path)
+    view = View(test.crop_size, test.context, trained.view.input_size)
+    _check_crop(trained.crop, meta, model_path, test_path)
     logger.info(
         "evaluating %s (%s, epoch %s) on %s: %d test faces, input %d px, face box %s, flip test %s, %s, %s",
         model_path,
-        info["arch"],
-        info["epoch"],
+        trained.arch,
+        trained.epoch,
         device,
         len(test),
         view.input_size,
@@ -270,31 +223,29 @@ def run_evaluate(
         precision.name,
         meta["source"],
     )
-    result = predict_split(model, test, test_path, view=view, params=params, precision=precision)
+    result = predict_split(trained, test, test_path, view=view, params=params, precision=precision)
     threshold = params.failure_threshold
     metrics: dict[str, Any] = split_metrics(result.nme, result.flags, threshold)
     val = load_faces(val_path, device) if val_path.is_file() else None
     if val is not None and len(val):
-        val_result = predict_split(model, val, val_path, view=view, params=params, precision=precision)
+        val_result = predict_split(trained, val, val_path, view=view, params=params, precision=precision)
         metrics["val"] = subset_metrics(val_result.nme, threshold)
-    crop_shape = input_to_crop(info["mean_shape"].numpy(), view.crop_size, view.context)
-    metrics["mean_shape"] = {
-        "nme": 100.0 * float(mean_shape_nme(crop_shape, test.landmarks.cpu().numpy()).mean())
-    }
+    shape, landmarks = trained.mean_shape.numpy(), test.landmarks.cpu().numpy()
+    metrics["mean_shape"] = {"nme": mean_shape_nme(shape, view.crop_size, view.context, landmarks)}
     metrics["config"] = {
         "flip_test": params.flip_test,
-        "epoch": info["epoch"],
+        "epoch": trained.epoch,
         "input_size": view.input_size,
         "failure_threshold": threshold,
     }
     context = report.ReportContext(
-        arch=str(info["arch"]),
-        loss=str(info["params"]["loss"]["name"]),
+        arch=trained.arch,
+        loss=str(trained.params["loss"]["name"]),
         input_size=view.input_size,
         source=str(meta["source"]),
         bbox=str(meta["crop"]["bbox"]),
         flip_test=params.flip_test,
-        epoch=info["epoch"],
+        epoch=trained.epoch,
         checkpoint=str(model_path),
         threshold=threshold,
     )
@@ -303,20 +254,20 @@ def run_evaluate(
         "NME (%%): %s", ", ".join(f"{k} {report.fmt(metrics[k]['nme'])}" for k in report.TABLE_SUBSETS)
     )
     logger.info("always predicting the mean training shape: test NME %.2f %%", metrics["mean_shape"]["nme"])
-    logger.info("wrote %s", ", ".join(str(p) for p in _all_paths(outputs)))
+    logger.info("wrote %s", ", ".join(str(p) for p in outputs.files()))
     return metrics
 
 
-def _check_view(info: dict[str, Any], meta: dict[str, Any], model_path: Path, test_path: Path) -> None:
+def _check_crop(trained: CropRule, meta: dict[str, Any], model_path: Path, test_path: Path) -> None:
     """Warn when the test crops were boxed differently from the crops the model was trained on."""
-    trained, crop = info["face_box"], meta["crop"]
+    crop = meta["crop"]
     for key in ("bbox", "padding"):
-        if trained[key] != crop[key]:
+        if getattr(trained, key) != crop[key]:
             logger.warning(
                 "%s was trained on faces boxed with convert.%s=%s but %s was made with %s=%s",
                 model_path,
                 key,
-                trained[key],
+                getattr(trained, key),
                 test_path,
                 key,
                 crop[key],
@@ -335,18 +286,6 @@ def per_face_table(result: SplitResult) -> pa.Table:
     return pa.table(columns)
 
 
-def _all_paths(outputs: EvalOutputs) -> list[Path]:
-    return [
-        outputs.metrics,
-        outputs.per_face,
-        outputs.ced_csv,
-        outputs.results,
-        outputs.ced_png,
-        outputs.nme_png,
-        outputs.grid_png,
-    ]
-
-
 def _write_outputs(
     outputs: EvalOutputs,
     metrics: dict[str, Any],
@@ -360,7 +299,7 @@ def _write_outputs(
     index = np.concatenate(list(picks.values()))
     images = result.faces.images[torch.as_tensor(index, device=result.faces.images.device)]
     crops = dict(zip(index.tolist(), images.permute(0, 2, 3, 1).cpu().numpy(), strict=True))
-    with atomic_paths(_all_paths(outputs)) as temps:
+    with atomic_paths(outputs.files()) as temps:
         temps[outputs.metrics].write_text(json.dumps(metrics, indent=2) + "\n")
         pq.write_table(per_face_table(result), temps[outputs.per_face])
         temps[outputs.ced_csv].write_text(report.ced_csv(thresholds, curves))

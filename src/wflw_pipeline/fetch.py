@@ -11,17 +11,17 @@ import hashlib
 import logging
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from wflw_pipeline.errors import PipelineError, TransientError
-from wflw_pipeline.fileio import atomic_path, write_json
-from wflw_pipeline.params import DataParams, LocalSourceParams, SyntheticParams, WflwSourceParams
-from wflw_pipeline.progress import progress_bar
-from wflw_pipeline.wflw import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE
+from .data.wflw import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE
+from .errors import PipelineError, TransientError
+from .fileio import atomic_path, write_json
+from .params import DataParams, LocalSourceParams, SyntheticParams, WflwSourceParams
+from .progress import progress_bar
+from .retry import with_backoff
 
 if TYPE_CHECKING:
     import requests
@@ -42,7 +42,7 @@ class FetchError(PipelineError):
 
 
 class DownloadError(FetchError, TransientError):
-    """A download that kept failing on network errors: worth retrying later (exit code 75)."""
+    """A download that kept failing on network errors: worth retrying later (a TransientError)."""
 
 
 class _TransientError(Exception):
@@ -204,18 +204,24 @@ def with_retries(attempt: Callable[[], None], url: str, retries: int) -> None:
     """Run `attempt`, retrying transient failures `retries` times with exponential backoff."""
     import requests
 
-    for n in range(retries + 1):
-        try:
-            attempt()
-            return
-        except (requests.RequestException, _TransientError) as err:
-            if not _is_transient(err):
-                raise FetchError(f"{url}: download failed: {err}") from err
-            if n == retries:
-                raise DownloadError(f"{url}: download failed after {retries + 1} attempts: {err}") from err
-            delay = min(BACKOFF_BASE_S * 2**n, BACKOFF_MAX_S)
-            logger.warning("%s: %s; retry %d/%d in %.1f s", url, err, n + 1, retries, delay)
-            time.sleep(delay)
+    network = (requests.RequestException, _TransientError)
+
+    def warn(err: Exception, retry: int, delay_s: float) -> None:
+        logger.warning("%s: %s; retry %d/%d in %.1f s", url, err, retry, retries, delay_s)
+
+    try:
+        with_backoff(
+            attempt,
+            retries + 1,
+            BACKOFF_BASE_S,
+            BACKOFF_MAX_S,
+            retryable=lambda err: isinstance(err, network) and _is_transient(err),
+            on_retry=warn,
+        )
+    except network as err:
+        if not _is_transient(err):
+            raise FetchError(f"{url}: download failed: {err}") from err
+        raise DownloadError(f"{url}: download failed after {retries + 1} attempts: {err}") from err
 
 
 def download_cached(archive: _Archive, params: WflwSourceParams) -> tuple[Path, str]:
@@ -307,7 +313,7 @@ def fetch_local(params: LocalSourceParams, out_dir: Path) -> dict[str, dict[str,
 
 def fetch_synthetic(params: SyntheticParams, out_dir: Path) -> dict[str, dict[str, Any]]:
     """Generate the synthetic archives into `out_dir`."""
-    from wflw_pipeline.synthetic import generate_archives
+    from .data.synthetic import generate_archives
 
     logger.info("generating synthetic WFLW (%d train + %d test faces)", params.train_faces, params.test_faces)
     entries = {}

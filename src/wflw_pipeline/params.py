@@ -6,6 +6,7 @@ params stored in a checkpoint) that misses a key is an error naming the key, nev
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -374,6 +375,19 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             raise ParamsError(f"override {override!r}: {'.'.join(parents[: i + 1])} is not a mapping")
         node = child
     node[leaf] = yaml.safe_load(raw) if raw else None
+
+
+def add_params_options(parser: argparse.ArgumentParser, default: str = "params.yaml") -> None:
+    """--params (the file, `default` unless given) and --set, which every command takes."""
+    parser.add_argument("--params", default=default, help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one param, e.g. --set convert.crop_size=256 (repeatable; value parsed as YAML)",
+    )
 
 
 def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:

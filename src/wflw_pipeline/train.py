@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,33 +15,28 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import augment, codebase, fileio
-from .contract import data_identity
-from .dataset import FaceSet, load_faces
-from .engine import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    EpochResult,
-    NonFiniteLossError,
-    View,
-    epoch_generators,
-    predict,
-    train_one_epoch,
-)
-from .errors import PipelineError
-from .geometry import input_to_crop
-from .losses import loss_from_params
-from .metrics import mean_shape_nme, nme_per_face
-from .model import build_model, save_atomic, save_trained
-from .params import Params, TrainParams
-from .runtime import (
+from . import fileio, stage_code
+from .core.engine import EpochResult, NonFiniteLossError, epoch_generators, predict, train_one_epoch
+from .core.geometry import View
+from .core.losses import loss_from_params
+from .core.metrics import mean_shape_nme, nme_per_face
+from .core.model import IMAGENET, build_model, save_atomic, save_trained
+from .core.optim import build_training, iters_per_epoch
+from .core.runtime import (
     Distributed,
     Precision,
+    compile_model,
     configure_backends,
+    device_facts,
     resolve_device,
     resolve_precision,
-    setup_compile_cache,
 )
+from .data import augment
+from .data.contract import data_identity
+from .data.dataset import FaceSet, load_faces
+from .errors import PipelineError, require_mlflow
+from .outputs import TrainOutputs, untracked
+from .params import Params, TrainParams
 
 logger = logging.getLogger(__name__)
 
@@ -55,52 +49,6 @@ class TrainError(PipelineError):
     """A training run that cannot start or go on (names the cause)."""
 
 
-@dataclass(frozen=True)
-class Outputs:
-    """Where the train stage writes: the selected model, the resumable checkpoint, history, metrics."""
-
-    model_dir: Path
-    train_dir: Path
-
-    @property
-    def model(self) -> Path:
-        return self.model_dir / "model.pt"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.train_dir / "checkpoint.pt"
-
-    @property
-    def history(self) -> Path:
-        return self.train_dir / "history.csv"
-
-    @property
-    def metrics(self) -> Path:
-        return self.train_dir / "metrics.json"
-
-
-def lr_factor(config: TrainParams, iters_per_epoch: int) -> Callable[[int], float]:
-    """LR multiplier per iteration: linear warm-up from warmup_ratio, then step decay or cosine."""
-    total = config.epochs * iters_per_epoch
-
-    def factor(iteration: int) -> float:
-        warm = 1.0
-        if iteration < config.warmup_iters:
-            warm = config.warmup_ratio + (1 - config.warmup_ratio) * iteration / config.warmup_iters
-        if config.schedule == "cosine":
-            return warm * 0.5 * (1 + math.cos(math.pi * min(iteration, total) / total))
-        epoch = iteration // iters_per_epoch
-        return warm * config.gamma ** sum(epoch >= m for m in config.milestones)
-
-    return factor
-
-
-def build_optimizer(model: nn.Module, config: TrainParams, device: torch.device) -> torch.optim.Optimizer:
-    """Adam as the reference; on CUDA the fused kernel (one launch for every parameter, same maths)."""
-    fused = device.type == "cuda"
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-
-
 def mean_shape(faces: FaceSet, view: View) -> torch.Tensor:
     """Mean landmarks of the un-augmented view, normalised to the network input (98, 2)."""
     identity = augment.identity_params(len(faces), faces.landmarks.device)
@@ -111,14 +59,8 @@ def mean_shape(faces: FaceSet, view: View) -> torch.Tensor:
 
 def val_nme(model: nn.Module, faces: FaceSet, view: View, batch_size: int, precision: Precision) -> float:
     """NME (%) of the un-augmented predictions on `faces`; NME is the same in crop and image pixels."""
-    pred = predict(model, faces, view=view, batch_size=batch_size, precision=precision)
+    pred = predict(model, faces, view=view, batch_size=batch_size, precision=precision, normalize=IMAGENET)
     return 100.0 * float(nme_per_face(pred.numpy(), faces.landmarks.cpu().numpy()).mean())
-
-
-def baseline_nme(shape: torch.Tensor, faces: FaceSet, view: View) -> float:
-    """NME (%) on `faces` of always predicting `shape`, the mean training shape (normalised units)."""
-    crop_shape = input_to_crop(shape.numpy(), view.crop_size, view.context)
-    return 100.0 * float(mean_shape_nme(crop_shape, faces.landmarks.cpu().numpy()).mean())
 
 
 def write_history(rows: list[dict[str, Any]], path: Path) -> None:
@@ -138,7 +80,7 @@ def resume_key(params: Params, data: dict[str, Any]) -> dict[str, Any]:
     return {
         **{section: full[section] for section in RESUME_SECTIONS},
         "data": data,
-        "code": codebase.digest(codebase.stage_sources("train")),
+        "code": stage_code.digest(stage_code.stage_sources("train")),
     }
 
 
@@ -204,12 +146,8 @@ class _Run:
         self.model = build_model(params.model.arch, params.model.pretrained, self.mean_shape).to(device)
         self.precision = resolve_precision(config.precision, config.channels_last, device)
         self.model = self.model.to(memory_format=self.precision.memory_format())
-        self.optimizer = build_optimizer(self.model, config, device)
-        global_batch = config.batch_size * world.world_size
-        self.iters_per_epoch = max(1, len(train) // global_batch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(config, self.iters_per_epoch)
-        )
+        self.iters_per_epoch = iters_per_epoch(len(train), config.batch_size * world.world_size)
+        self.optimizer, self.scheduler = build_training(self.model, config, device, self.iters_per_epoch)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": 0, "val_nme": None, "model": None}
@@ -266,10 +204,23 @@ EpochCallback = Callable[[dict[str, Any]], None]
 """Called on rank 0 with each epoch's history row once it is written (e.g. live curves in tracking)."""
 
 
+def tracking(params: Params, parquet_dir: Path, outputs: TrainOutputs) -> contextlib.AbstractContextManager:
+    """Around `run_train`: MLflow's live tracking (tracking.enabled; yields on_epoch_end), else the run
+    reference that says there is none (MLflow is not imported then)."""
+    if params.tracking.enabled:
+        require_mlflow()
+        from .mlops.live_run import tracked_training
+
+        return tracked_training(params, parquet_dir, outputs)
+    if Distributed.from_env().main:
+        fileio.write_json(outputs.run_ref, untracked("tracking.enabled is false"))
+    return contextlib.nullcontext()
+
+
 def run_train(
     params: Params,
     parquet_dir: Path,
-    outputs: Outputs,
+    outputs: TrainOutputs,
     on_epoch_end: EpochCallback | None = None,
 ) -> dict[str, Any]:
     """Stage train: fit DeepPose on train.parquet, select on val.parquet, write model and history."""
@@ -293,7 +244,7 @@ def run_train(
 def _train(
     params: Params,
     parquet_dir: Path,
-    outputs: Outputs,
+    outputs: TrainOutputs,
     device: torch.device,
     world: Distributed,
     on_epoch_end: EpochCallback | None,
@@ -313,11 +264,7 @@ def _train(
     module = run.model
     model: nn.Module = DistributedDataParallel(module) if world.world_size > 1 else module
     if config.compile:
-        # One compile per run: every training batch has one size (batch_indices drops the short last
-        # one) and validation runs on `module`, uncompiled, so eval mode never reaches the graph.
-        cache = setup_compile_cache(config.compile_cache)
-        logger.info("torch.compile, caches in %s", cache or "torch's default location")
-        model = torch.compile(model)
+        model = compile_model(model, config.compile_cache)
     loss_fn = loss_from_params(params.loss, params.model.input_size)
     logger.info(
         "training %s on %s (%d train, %d val faces, %d process(es), %s)",
@@ -365,7 +312,7 @@ def _train(
             if on_epoch_end is not None:
                 on_epoch_end(dict(row))
         world.barrier()
-    metrics = _finish(run, val, data, outputs, world)
+    metrics = _finish(run, val, data, outputs, world, device)
     world.barrier()
     return metrics
 
@@ -384,8 +331,19 @@ def _log_epoch(row: dict[str, Any], epochs: int) -> None:
     )
 
 
+def _baseline_nme(run: _Run, faces: FaceSet) -> float:
+    """NME (%) on `faces` of always predicting the run's mean training shape."""
+    view = run.view
+    return mean_shape_nme(run.mean_shape.numpy(), view.crop_size, view.context, faces.landmarks.cpu().numpy())
+
+
 def _finish(
-    run: _Run, val: FaceSet, data: dict[str, Any], outputs: Outputs, world: Distributed
+    run: _Run,
+    val: FaceSet,
+    data: dict[str, Any],
+    outputs: TrainOutputs,
+    world: Distributed,
+    device: torch.device,
 ) -> dict[str, Any]:
     """Write the selected model and the run's metrics (rank 0 only); return the metrics."""
     epoch, weights = run.selected_weights()
@@ -396,11 +354,12 @@ def _finish(
         "selected_epoch": epoch,
         "selected_by": "val_nme" if run.best["model"] is not None else "last_epoch",
         "val_nme": run.best["val_nme"],
-        "baseline_val_nme": baseline_nme(run.mean_shape, val, run.view) if len(val) else None,
+        "baseline_val_nme": _baseline_nme(run, val) if len(val) else None,
         "train_loss": history[-1]["train_loss"],
         "train_seconds": sum(row["seconds"] for row in history),
         "images_per_s": statistics.median(speeds),
         "world_size": world.world_size,
+        **device_facts(device),
     }
     if world.main:
         config = run.params
@@ -410,7 +369,7 @@ def _finish(
             arch=config.model.arch,
             view=run.view,
             face_box={"bbox": data["crop"]["bbox"], "padding": data["crop"]["padding"]},
-            normalize={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+            normalize=IMAGENET,
             mean_shape=run.mean_shape,
             data=data,
             epoch=epoch,

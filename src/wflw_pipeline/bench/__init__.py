@@ -12,14 +12,15 @@
   `torch.compile`, or named variants of it (Inductor options, the whole step as a CUDA graph) at several
   batch sizes, timed in turns; peak memory; FLOPs (FlopCounterMode) and model FLOP utilisation.
 - `epoch` (epoch.py): `engine.train_one_epoch` over an in-memory face set (data + step, end to end) and
-  the time the reference schedule (210 epochs of 7,500 faces) would take at that speed.
+  the time the params' schedule (train.epochs of data.synthetic.train_faces) would take at that speed.
 - `start` (start.py): the same short job cold, then warm, in fresh processes sharing one compile cache:
   the phases from launch to the first full-speed step.
-- `precision` (precision.py): one trained model's NME in fp32, bf16 with the fp32 head, and bf16
-  throughout (what the fp32 head buys).
+- `precision` (precision.py): one trained model's NME in fp32 and in bf16 autocast (the fp32 head).
 
-common.py holds what they share (machine info, device and precision, tables, JSON); cli.py the
-`wflw bench` parser and the dispatch to the run functions.
+Each reads a params file (configs/deeppose_res50_wingloss_wflw.yaml unless --params names another, with
+--set) for what params define, and builds model, optimizer, schedule, compile and epoch batches with
+core/ as `wflw train` does. common.py holds what they share (machine info, the training setup, tables,
+JSON); cli.py the `wflw bench` parser (measurement options only) and the dispatch to the run functions.
 
 Benchmarks only measure; they never assert a speed. Torch stack only (no dvc, mlflow, prefect, requests).
 This file imports nothing; `wflw bench` loads it and cli.py, and a mode's module only when it runs.

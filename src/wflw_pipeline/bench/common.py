@@ -1,27 +1,27 @@
-"""What every benchmark shares: where it ran, device and precision, timing helpers, tables, JSON."""
+"""What every benchmark shares: where it ran, the training setup of params, timing helpers, tables, JSON."""
 
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import fileio
+from ..core import engine, optim
+from ..core.model import build_model
+from ..core.runtime import Precision, configure_backends, resolve_device, resolve_precision
+from ..data.dataset import FaceSet
 from ..errors import PipelineError
-from ..runtime import Precision
-from ..runtime import resolve_device as resolve_train_device
-from ..runtime import resolve_precision as resolve_train_precision
+from ..params import Params, TrainParams
 
 FORMAT_VERSION = 1
-REFERENCE_FACES = 7500
-REFERENCE_EPOCHS = 210
-"""The reference schedule: 210 epochs of WFLW's 7,500 training faces."""
 
 
 class BenchError(PipelineError):
@@ -63,18 +63,39 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def resolve_device(name: str) -> torch.device:
-    """As `wflw train` resolves train.device; an unavailable choice names `bench --device`."""
-    return resolve_train_device(name, key="bench --device")
+def training_device(train: TrainParams) -> tuple[torch.device, Precision]:
+    """train.device and train.precision as `wflw train` resolves them, the backends configured as it does."""
+    device = resolve_device(train.device)
+    configure_backends(device)
+    return device, resolve_precision(train.precision, train.channels_last, device)
 
 
-def resolve_precision(name: str, channels_last: bool | None, device: torch.device) -> Precision:
-    """auto: bf16 autocast on CUDA, fp32 elsewhere; channels_last defaults to on (as train.* does)."""
-    return resolve_train_precision(name, True if channels_last is None else channels_last, device)
+def build_training(
+    params: Params, device: torch.device, precision: Precision, iters_per_epoch: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """DeepPose of model.* (random init from train.seed: nothing is downloaded) in the run's memory
+    format, with the optimizer and LR schedule `wflw train` builds from train.*."""
+    torch.manual_seed(params.train.seed)
+    model = build_model(params.model.arch, "none").to(device).to(memory_format=precision.memory_format())
+    return model, *optim.build_training(model, params.train, device, iters_per_epoch)
 
 
-def precision_label(precision: Precision) -> str:
-    return "bf16" if precision.dtype is torch.bfloat16 else "fp32"
+def endless_batches(
+    faces: FaceSet, params: Params, precision: Precision
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """engine.EpochBatches of train.batch_size over `faces`, epoch after epoch, drawn as train draws them."""
+    view = engine.View(faces.crop_size, faces.context, params.model.input_size)
+    for epoch in itertools.count():
+        order, augmentation = engine.epoch_generators(params.train.seed, epoch, 0, faces.images.device)
+        yield from engine.EpochBatches(
+            faces,
+            view=view,
+            augmentation=params.augment,
+            batch_size=params.train.batch_size,
+            order_generator=order,
+            augment_generator=augmentation,
+            precision=precision,
+        )
 
 
 def synchronize(device: torch.device) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -9,7 +10,7 @@ import os
 import tarfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +18,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import augment, engine, fileio, wflw
-from ..dataset import FaceSet, load_faces
-from ..params import AugmentParams, ConvertParams, SyntheticParams
-from ..runtime import Precision
+from .. import fileio
+from ..core import engine
+from ..core.runtime import Precision
+from ..data import augment, wflw
+from ..data.dataset import FaceSet, load_faces
+from ..params import AugmentParams, Params
 from .common import (
+    endless_batches,
     format_runs,
     format_table,
     header,
     median,
     require,
-    resolve_device,
     synchronize,
+    training_device,
     write_result,
 )
 
 logger = logging.getLogger(__name__)
-
-PADDING = 1.25
-"""Face box = landmark extent x this, both in the conversion (ours) and in the baseline's own crop."""
 
 
 @dataclass(frozen=True)
@@ -60,63 +61,29 @@ class BenchData:
         return paths, points.reshape(len(paths), wflw.NUM_POINTS, 2)
 
 
-def prepare_data(
-    work_dir: Path,
-    *,
-    faces: int,
-    min_image_size: int = 800,
-    max_image_size: int = 1200,
-    crop_size: int = 384,
-    context: float = 1.5,
-    seed: int = 0,
-) -> BenchData:
-    """Generate synthetic WFLW archives, extract the images (for the baseline), convert them (for ours).
+def prepare_data(work_dir: Path, params: Params, faces: int) -> BenchData:
+    """Generate `faces` synthetic WFLW faces of data.synthetic.*, extract the images (for the baseline) and
+    convert them with convert.* (for ours; every face in train).
 
     Reused when `work_dir` already holds data made with the same settings.
     """
+    require(params.convert.bbox == "landmarks", "bench loader: the baseline crops by convert.bbox=landmarks")
     work_dir = Path(work_dir)
-    settings = {
-        "faces": faces,
-        "min_image_size": min_image_size,
-        "max_image_size": max_image_size,
-        "crop_size": crop_size,
-        "context": context,
-        "padding": PADDING,
-        "seed": seed,
-    }
+    synthetic = replace(params.data.synthetic, train_faces=faces, test_faces=1)
+    convert = replace(params.convert, val_fraction=0.0)
+    settings = {"synthetic": asdict(synthetic), "convert": asdict(convert)}
     stamp = work_dir / "bench_data.json"
     data = BenchData(work_dir / "images", work_dir / "parquet" / "train.parquet")
     if stamp.is_file() and data.parquet.is_file() and json.loads(stamp.read_text()) == settings:
         logger.info("reusing the benchmark data in %s", work_dir)
         return data
     from ..convert import run_convert
-    from ..synthetic import generate_archives
+    from ..data.synthetic import generate_archives
 
     raw = work_dir / "raw"
-    synthetic = SyntheticParams(
-        seed=seed,
-        train_faces=faces,
-        test_faces=1,
-        min_image_size=min_image_size,
-        max_image_size=max_image_size,
-        workers=0,
-    )
-    logger.info("generating %d synthetic faces at %d-%d px in %s", faces, min_image_size, max_image_size, raw)
+    logger.info("generating %d synthetic faces in %s", faces, raw)
     images_archive, _ = generate_archives(raw, synthetic)
     extract_images(images_archive, data.images_dir)
-    # Every field explicit (params have no defaults): the benchmark's own fixed data, not params.yaml's.
-    convert = ConvertParams(
-        bbox="landmarks",
-        padding=PADDING,
-        context=context,
-        crop_size=crop_size,
-        jpeg_quality=95,
-        val_fraction=0.0,
-        seed=seed,
-        max_outside=0.5,
-        on_error="fail",
-        workers=0,
-    )
     run_convert(convert, raw, data.parquet.parent)
     fileio.write_json(stamp, settings)
     return data
@@ -168,7 +135,7 @@ class ReferenceStyleDataset(torch.utils.data.Dataset):
     """The reference's per-sample data path: decode the whole original image, crop and warp one face.
 
     Per item: Pillow decodes the original JPEG (RGB), one bilinear PIL affine warp takes the augmented
-    view of the face (its landmark box padded by PADDING, as the conversion pads it) straight to
+    view of the face (its landmark box padded by `padding`, as the conversion pads it) straight to
     `out_size` (pixel i covers [i, i + 1), as in augment.py; outside the image is black), the pixels
     are normalised per channel and the landmarks mapped into the view (and re-labelled by WFLW's flip
     permutation when mirrored), in [0, 1] units of the input.
@@ -183,18 +150,20 @@ class ReferenceStyleDataset(torch.utils.data.Dataset):
         landmarks_image: np.ndarray,
         *,
         augmentation: AugmentParams | None,
-        out_size: int = 256,
+        padding: float,
+        out_size: int,
         seed: int = 0,
         views: augment.ViewParams | None = None,
     ) -> None:
         self.paths = [str(p) for p in image_paths]
+        self.padding = padding
         self.landmarks = np.asarray(landmarks_image, np.float64)
         self.augmentation = augmentation
         self.out_size = out_size
         self.seed = seed
         self.views = views
-        self.mean = np.asarray(engine.IMAGENET_MEAN, np.float32)
-        self.inv_std = 1.0 / np.asarray(engine.IMAGENET_STD, np.float32)
+        self.mean = np.asarray(engine.IMAGENET.mean, np.float32)
+        self.inv_std = 1.0 / np.asarray(engine.IMAGENET.std, np.float32)
         self.flip_permutation = np.asarray(wflw.FLIP)
         self._generator: tuple[int, torch.Generator] | None = None
 
@@ -240,7 +209,7 @@ class ReferenceStyleDataset(torch.utils.data.Dataset):
             scale=scale,
             angle=angle,
             shift=shift,
-            padding=PADDING,
+            padding=self.padding,
             out_size=self.out_size,
         )
         view = image.transform(
@@ -319,96 +288,55 @@ def time_baseline(
 
 
 def time_ours(
-    faces: FaceSet,
-    view: engine.View,
-    augmentation: AugmentParams,
-    precision: Precision,
-    *,
-    batch_size: int,
-    batches: int,
-    warmup: int,
-    seed: int,
+    faces: FaceSet, params: Params, precision: Precision, *, batches: int, warmup: int
 ) -> dict[str, float]:
-    """Images/s of our data path: index the in-memory crops, draw, warp the whole batch on the device."""
+    """Images/s of our data path: engine.EpochBatches of the in-memory crops, warped on the device."""
     device = faces.images.device
-    total = (warmup + batches) * batch_size
-    order_gen = torch.Generator(device=device).manual_seed(seed)
-    order = torch.cat(
-        [
-            torch.randperm(len(faces), generator=order_gen, device=device)
-            for _ in range(-(-total // len(faces)))
-        ]
-    )
-    augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
-    timed = time.perf_counter()
-    inputs = None
-    for i in range(warmup + batches):
-        if i == warmup:
-            synchronize(device)
-            timed = time.perf_counter()
-        index = order[i * batch_size : (i + 1) * batch_size]
-        draws = engine.draw(augmentation, batch_size, augment_gen, device)
-        # as train_one_epoch does: the next batch is written over the last one's inputs (on the CPU)
-        out = engine.reusable(inputs, batch_size)
-        inputs, _ = engine.inputs_and_targets(faces, index, view, draws, precision, out=out)
+    stream = endless_batches(faces, params, precision)
+    for _ in itertools.islice(stream, warmup):
+        pass
     synchronize(device)
-    return {"images_per_s": batches * batch_size / (time.perf_counter() - timed)}
+    timed = time.perf_counter()
+    for _ in itertools.islice(stream, batches):
+        pass
+    synchronize(device)
+    return {"images_per_s": batches * params.train.batch_size / (time.perf_counter() - timed)}
 
 
 def run_loader(
     *,
-    out_dir: Path,
+    params: Params,
+    faces: int,
+    batches: int,
+    warmup: int,
+    repeats: int,
+    workers: int | None,
     work_dir: Path,
-    augmentation: AugmentParams,
-    device_name: str = "auto",
-    faces: int = 300,
-    batch_size: int = 64,
-    batches: int = 20,
-    warmup: int = 3,
-    repeats: int = 3,
-    workers: int | None = None,
-    min_image_size: int = 800,
-    max_image_size: int = 1200,
-    crop_size: int = 384,
-    input_size: int = 256,
-    context: float = 1.5,
-    seed: int = 0,
-    command: str | None = None,
+    out_dir: Path,
+    command: str | None,
 ) -> dict[str, Any]:
     """Ours vs the reference-style loader on the same synthetic faces; writes loader.json."""
-    device = resolve_device(device_name)
-    require(faces >= batch_size, f"--faces ({faces}) must be >= --batch-size ({batch_size})")
+    device, _ = training_device(params.train)
+    batch_size, input_size, seed = params.train.batch_size, params.model.input_size, params.train.seed
+    require(faces >= batch_size, f"--faces ({faces}) must be >= train.batch_size ({batch_size})")
     require(batches >= 1 and repeats >= 1 and warmup >= 0, "--batches, --repeats >= 1 and --warmup >= 0")
     workers = len(os.sched_getaffinity(0)) if workers is None else workers
-    data = prepare_data(
-        work_dir,
-        faces=faces,
-        min_image_size=min_image_size,
-        max_image_size=max_image_size,
-        crop_size=crop_size,
-        context=context,
-        seed=seed,
-    )
+    data = prepare_data(work_dir, params, faces)
     faceset = load_faces(data.parquet, device)
     paths, landmarks = data.records()
-    view = engine.View(faceset.crop_size, faceset.context, input_size)
     # The loader's output is fp32 either way; on CUDA in the memory format training feeds the model.
     precision = Precision(None, device.type == "cuda")
     dataset = ReferenceStyleDataset(
-        paths, landmarks, augmentation=augmentation, out_size=input_size, seed=seed
+        paths,
+        landmarks,
+        augmentation=params.augment,
+        padding=params.convert.padding,
+        out_size=input_size,
+        seed=seed,
     )
     ours_runs, baseline_runs, startups = [], [], []
     for repeat in range(repeats):
-        ours = time_ours(
-            faceset,
-            view,
-            augmentation,
-            precision,
-            batch_size=batch_size,
-            batches=batches,
-            warmup=warmup,
-            seed=seed + repeat,
-        )
+        ours = time_ours(faceset, params, precision, batches=batches, warmup=warmup)
         base = time_baseline(
             dataset,
             device,
@@ -441,10 +369,10 @@ def run_loader(
         "batches": batches,
         "warmup_batches": warmup,
         "repeats": repeats,
-        "crop_size": crop_size,
-        "context": context,
+        "crop_size": faceset.crop_size,
+        "context": faceset.context,
         "input_size": input_size,
-        "augment": augmentation.__dict__,
+        "augment": asdict(params.augment),
         "ours": {
             "what": "FaceSet on the device + engine.inputs_and_targets (augment.augment_batch)",
             "images_per_s": ours_median,

@@ -1,9 +1,8 @@
-"""`wflw bench precision`: one trained model on the same faces in fp32, in bf16 autocast with the fp32
-head (what train and evaluate run on CUDA), and in bf16 throughout (the head too, as before issue 8).
+"""`wflw bench precision`: one trained model on the same faces in fp32 and in bf16 autocast (with DeepPose's
+fp32 head: what train and evaluate run on CUDA), at evaluate.batch_size on evaluate.device.
 
-A bf16 number keeps 8 significant bits, so a coordinate in [0.5, 1) of the input moves in steps of
-2^-8 of the input side: 0.25 px at 64 px, 1 px at 256 px. The table shows what that costs in NME and
-how far each setting's points move from fp32's, in input pixels. No flip test (one forward per face).
+The table shows what bf16 costs in NME and how far its points move from fp32's, in input pixels. No flip
+test (one forward per face).
 """
 
 from __future__ import annotations
@@ -13,61 +12,37 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..dataset import load_faces
-from ..engine import View, predict
-from ..metrics import nme_per_face
-from ..model import load_trained
-from ..runtime import Precision
-from .common import format_table, header, resolve_device, write_result
+from ..core.engine import predict
+from ..core.metrics import nme_per_face
+from ..core.model import load_trained
+from ..core.runtime import Precision, resolve_device
+from ..data.dataset import load_faces
+from ..params import Params
+from .common import format_table, header, write_result
 
-
-class Bf16Head(nn.Module):
-    """The regression head computed and returned in bf16, as autocast ran it before the fp32 head."""
-
-    def __init__(self, head: nn.Linear) -> None:
-        super().__init__()
-        self.head = head
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.head.weight.bfloat16(), self.head.bias.bfloat16()
-        return F.linear(features.bfloat16(), weight, bias)
-
-
-SETTINGS: tuple[tuple[str, torch.dtype | None, bool], ...] = (
-    ("fp32", None, False),
-    ("bf16, fp32 head (default)", torch.bfloat16, False),
-    ("bf16 throughout (bf16 head)", torch.bfloat16, True),
-)
-"""(name, autocast dtype, head in bf16)."""
+SETTINGS: tuple[tuple[str, torch.dtype | None], ...] = (("fp32", None), ("bf16, fp32 head", torch.bfloat16))
+"""(name, autocast dtype)."""
 
 
 def run_precision(
-    *,
-    checkpoint: Path,
-    parquet: Path,
-    batch_size: int,
-    device_name: str,
-    out_dir: Path,
-    command: str | None,
+    *, params: Params, checkpoint: Path, parquet: Path, out_dir: Path, command: str | None
 ) -> dict[str, Any]:
     """Predict `parquet`'s faces with `checkpoint` in each setting; NME and distance from fp32."""
-    device = resolve_device(device_name)
-    model, info = load_trained(checkpoint, device)
+    device = resolve_device(params.evaluate.device, key="evaluate.device")
+    trained = load_trained(checkpoint, device)
+    model, view = trained.model, trained.view
     faces = load_faces(parquet, device)
-    view = View(
-        int(info["view"]["crop_size"]), float(info["view"]["context"]), int(info["view"]["input_size"])
-    )
     to_input_px = view.input_size * view.context / view.crop_size
     gt = faces.landmarks.cpu().numpy()
-    exact_head = model.head
     points: dict[str, np.ndarray] = {}
     rows = []
-    for name, dtype, bf16_head in SETTINGS:
-        model.head = Bf16Head(exact_head) if bf16_head else exact_head
-        pred = predict(model, faces, view=view, batch_size=batch_size, precision=Precision(dtype, True))
+    for name, dtype in SETTINGS:
+        precision = Precision(dtype, True)
+        batch_size = params.evaluate.batch_size
+        pred = predict(
+            model, faces, view=view, batch_size=batch_size, precision=precision, normalize=trained.normalize
+        )
         points[name] = pred.double().numpy()
         moved = np.linalg.norm(points[name] - points["fp32"], axis=2) * to_input_px
         rows.append(
@@ -78,7 +53,6 @@ def run_precision(
                 "max_shift_px": float(moved.max()),
             }
         )
-    model.head = exact_head
     result = {
         **header("precision", device, command),
         "checkpoint": str(checkpoint),

@@ -17,11 +17,10 @@ import matplotlib
 import torch
 from PIL import Image
 
-from ..export import OnnxPredictor, check_onnx, export_onnx, noise_crops
-from ..inference import LandmarkPredictor
-from ..model import load_trained
 from ..params import PredictParams
-from ..predict import CropRule, Detector, Predictor, Source, Summary, predict_images
+from ..serving.export import OnnxPredictor, check_onnx, export_onnx, noise_crops
+from ..serving.inference import LandmarkPredictor
+from ..serving.predict import Detector, Predictor, Source, Summary, predict_images
 from .common import format_runs, format_table, header, median, require, write_result
 
 SIDES = (480, 640, 800, 1024, 1280, 1600)
@@ -54,13 +53,15 @@ def run_predict(
     images: int,
     repeats: int,
     work_dir: Path,
-    device_name: str,
     out_dir: Path,
     command: str | None,
 ) -> dict[str, Any]:
     """Time `repeats` passes over `images` photos with each backend in turns: faces/s, seconds per step."""
     require(images >= 1 and repeats >= 1, "bench predict: --images and --repeats must be >= 1")
-    require(device_name in ("auto", "cpu"), "bench predict: onnxruntime runs on the CPU here: --device cpu")
+    require(
+        config.device in ("auto", "cpu"),
+        "bench predict: onnxruntime runs on the CPU here: predict.device=cpu",
+    )
     device = torch.device("cpu")
     sources = write_photos(work_dir / "photos", images)
     torch_model = LandmarkPredictor.load(checkpoint, device)
@@ -70,7 +71,7 @@ def run_predict(
         "pytorch": torch_model,
         "onnxruntime": OnnxPredictor(onnx_path, torch_model.crop_size),
     }
-    rule = CropRule.from_info(load_trained(checkpoint)[1])
+    rule = torch_model.trained.crop
     detector = Detector(config.upsample, config.detect_max_side, config.min_score)
     predict_images(sources[:2], torch_model, rule, detector, config, None, "warm-up")
     runs: dict[str, list[Summary]] = {name: [] for name in backends}

@@ -7,15 +7,17 @@ what the first stored (warm). Each run times its phases from the moment the pare
     python start   interpreter start-up and this package's __init__ files
     imports        torch, torchvision and the modules training uses
     device init    the device's context (CUDA) and backends (cudnn.benchmark)
-    host crops     synthetic uint8 crops in host memory, the form load_faces leaves them in
+    host crops     random uint8 crops in host memory (dataset.random_faces), the form load_faces leaves
     data to device those crops moved to the training device (FaceSet.to)
-    model build    DeepPose, Adam and the LR schedule as `wflw train` builds them; torch.compile set up
+    model build    DeepPose, Adam and the LR schedule as `wflw train` builds them; compiled as train does
     first step     the first training step: Dynamo, AOTAutograd and Inductor compile, cuDNN autotune
     to full speed  the steps after it until the first full-speed step
     checkpoint     torch.save of the model and optimiser state into the scratch folder
 
-Each step is what `engine.train_one_epoch` runs (draw, augment on the device, `engine.train_step`), timed
-alone (a device sync after each). The steady step is the median of the second half of the steps; the first
+The job is the params file's training (model.*, train.*, loss.*, augment.*, convert's crop), its compile
+cache a folder of its own. Each step is what `engine.train_one_epoch` runs (the next batch of
+`engine.EpochBatches`, `engine.train_step`), timed alone (a device sync after each). The steady step
+is the median of the second half of the steps; the first
 full-speed step is the first one that, with the next two, is within `tolerance` of it. Time to the first
 full-speed step = from launch to the end of that step. The compile time of the first step is split with
 `torch._dynamo.utils.compile_times()` into Dynamo (tracing, guards), AOTAutograd (joint graph, partition,
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,74 +113,49 @@ def measure(config: dict[str, Any], launched: float) -> dict[str, Any]:
     import torchvision  # noqa: F401  (the model's import, counted here)
     from torch._dynamo.utils import compile_times, counters
 
-    from .. import engine, runtime
-    from ..dataset import FaceSet
-    from ..losses import loss_from_params
-    from ..model import save_atomic
+    from ..core import engine, runtime
+    from ..core.losses import loss_from_params
+    from ..core.model import save_atomic
+    from ..core.optim import iters_per_epoch
+    from ..data.dataset import random_faces
     from ..params import Params
-    from .common import peak_memory, resolve_device, resolve_precision, synchronize
-    from .epoch import synthetic_faces
-    from .step import build_training, compile_model
+    from .common import build_training, endless_batches, peak_memory, synchronize, training_device
 
     marks["imports"] = time.time()
     params = Params.from_dict(config["params"])
-    if params.train.threads:
-        torch.set_num_threads(params.train.threads)  # as `wflw train` does
-    device = resolve_device(config["device"])
+    train = params.train
+    if train.threads:
+        torch.set_num_threads(train.threads)  # as `wflw train` does
+    device, precision = training_device(train)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.zeros(1, device=device)
-    runtime.configure_backends(device)
     if not config["cudnn_benchmark"]:
         torch.backends.cudnn.benchmark = False
     synchronize(device)
     marks["device_init"] = time.time()
 
-    faces, crop_size, context = config["faces"], config["crop_size"], config["context"]
-    tile = synthetic_faces(min(faces, 256), crop_size, context, torch.device("cpu"))
-    index = torch.arange(faces) % len(tile)
-    host = FaceSet(
-        images=tile.images.index_select(0, index),
-        landmarks=tile.landmarks.index_select(0, index),
-        flags=tile.flags.index_select(0, index),
-        face_id=torch.arange(faces),
-        crop_to_image=tile.crop_to_image[index.numpy()],
-        crop=tile.crop,
-    )
+    faces = config["faces"]
+    host = random_faces(faces, params.convert.crop_size, params.convert.context, torch.device("cpu"))
     marks["host_crops"] = time.time()
     on_device = host.to(device)
     synchronize(device)
     marks["data_to_device"] = time.time()
 
-    precision = resolve_precision(config["precision"], config["channels_last"], device)
-    batch_size = config["batch_size"]
-    model, optimizer, scheduler = build_training(
-        config["arch"], device, precision, params.train, max(1, faces // batch_size)
-    )
+    iters = iters_per_epoch(faces, train.batch_size)
+    model, optimizer, scheduler = build_training(params, device, precision, iters)
     model.train()
-    cache = None
-    if config["compile"]:
-        cache = runtime.setup_compile_cache(config["cache_dir"], key="bench start --work")
-        step_model = compile_model(model, config["compile_mode"])
-    else:
-        step_model = model
-    loss_fn = loss_from_params(params.loss, config["input_size"])
-    view = engine.View(crop_size, context, config["input_size"])
-    order = torch.Generator(device=device).manual_seed(0)
-    augmentation = torch.Generator(device=device).manual_seed(1)
+    step_model = runtime.compile_model(model, train.compile_cache) if train.compile else model
+    loss_fn = loss_from_params(params.loss, params.model.input_size)
+    batches = endless_batches(on_device, params, precision)
     synchronize(device)
     marks["model_build"] = time.time()
 
-    inputs: torch.Tensor | None = None
     times: list[float] = []
     ends: list[float] = []
     for _ in range(config["steps"]):
         start = time.perf_counter()
-        index = torch.randperm(faces, device=device, generator=order)[:batch_size]
-        draws = engine.draw(params.augment, batch_size, augmentation, device)
-        inputs, targets = engine.inputs_and_targets(
-            on_device, index, view, draws, precision, out=engine.reusable(inputs, batch_size)
-        )
+        inputs, targets = next(batches)
         last = engine.train_step(step_model, optimizer, scheduler, loss_fn, inputs, targets, precision)
         synchronize(device)
         times.append(time.perf_counter() - start)
@@ -202,7 +180,7 @@ def measure(config: dict[str, Any], launched: float) -> dict[str, Any]:
     compile_s = {
         name: float(value) for name, value in zip(*compile_times("csv", aggregate=True), strict=True)
     }
-    split = compile_split(compile_s if config["compile"] else {})
+    split = compile_split(compile_s if train.compile else {})
     return {
         "phases": phases,
         "step_times_s": times,
@@ -221,7 +199,7 @@ def measure(config: dict[str, Any], launched: float) -> dict[str, Any]:
             "autograd_cache_bypass": counters["aot_autograd"]["autograd_cache_bypass"],
             "graphs": counters["stats"]["unique_graphs"],
         },
-        "cache_dir": None if cache is None else str(cache),
+        "cache_dir": train.compile_cache if train.compile else None,
         "checkpoint_mb": checkpoint.stat().st_size / 1e6,
         "loss_finite": bool(torch.isfinite(last).item()),
         "threads": torch.get_num_threads(),
@@ -235,86 +213,63 @@ def measure(config: dict[str, Any], launched: float) -> dict[str, Any]:
 
 def run_start(
     *,
-    out_dir: Path,
     params: Params,
-    arch: str | None = None,
-    input_size: int | None = None,
-    batch_size: int | None = None,
-    faces: int | None = None,
-    crop_size: int | None = None,
-    context: float = 1.5,
-    steps: int | None = None,
-    tolerance: float = 0.15,
-    device_name: str = "auto",
-    precision_name: str = "auto",
-    channels_last: bool | None = None,
-    compile: str = "on",
-    compile_mode: str = "default",
-    cudnn_benchmark: bool = True,
-    work_dir: Path | None = None,
-    keep: bool = False,
-    timeout_s: float = 900.0,
-    command: str | None = None,
+    faces: int | None,
+    steps: int | None,
+    tolerance: float,
+    cudnn_benchmark: bool,
+    work_dir: Path | None,
+    keep: bool,
+    timeout_s: float,
+    out_dir: Path,
+    command: str | None,
 ) -> dict[str, Any]:
-    """Run the job cold then warm, each in a fresh process, sharing a compile cache that starts empty.
+    """Run the params' training job cold then warm, each in a fresh process, sharing a compile cache that
+    starts empty.
 
-    Sizes left unset are the reference config's on CUDA (ResNet-50, 256 px, batch 512, 7,500 crops of
-    384 px, bf16, channels_last) and small elsewhere (ResNet-18, 64 px, batch 16, 64 crops of 96 px).
-    The cache and the checkpoint go to a new folder under `work_dir` (default: the system's temporary
-    folder), removed afterwards unless `keep`. `cudnn_benchmark=False` turns off the cuDNN algorithm
-    search `wflw train` does on CUDA (to see what it costs the first step). Writes start.json into
-    `out_dir`; returns its content.
+    `faces` crops in memory (default data.synthetic.train_faces), `steps` steps (default 40 on CUDA, 20
+    elsewhere). The cache and the checkpoint go to a new folder under `work_dir` (default: the system's
+    temporary folder), removed afterwards unless `keep`. `cudnn_benchmark=False` turns off the cuDNN
+    algorithm search `wflw train` does on CUDA (to see what it costs the first step). Writes start.json
+    into `out_dir`; returns its content.
     """
     from .. import fileio
-    from .common import (
-        format_table,
-        header,
-        precision_label,
-        require,
-        resolve_device,
-        resolve_precision,
-        write_result,
-    )
+    from ..core.runtime import resolve_device, resolve_precision
+    from .common import format_table, header, require, write_result
 
-    device = resolve_device(device_name)
+    train = params.train
+    device = resolve_device(train.device)
     cuda = device.type == "cuda"
-    config = {
-        "params": params.to_dict(),
-        "device": device.type,
-        "arch": arch or ("resnet50" if cuda else "resnet18"),
-        "input_size": input_size or (256 if cuda else 64),
-        "batch_size": batch_size or (512 if cuda else 16),
-        "faces": faces or (7500 if cuda else 64),
-        "crop_size": crop_size or (384 if cuda else 96),
-        "context": context,
+    config: dict[str, Any] = {
+        "arch": params.model.arch,
+        "input_size": params.model.input_size,
+        "batch_size": train.batch_size,
+        "faces": faces or params.data.synthetic.train_faces,
+        "crop_size": params.convert.crop_size,
+        "context": params.convert.context,
         "steps": steps or (40 if cuda else 20),
         "tolerance": tolerance,
-        "precision": precision_name,
-        "channels_last": True if channels_last is None else channels_last,
-        "compile": compile == "on",
-        "compile_mode": compile_mode,
+        "channels_last": train.channels_last,
+        "compile": train.compile,
         "cudnn_benchmark": cudnn_benchmark,
     }
     require(config["steps"] >= 2, "--steps must be >= 2")
-    require(1 <= config["batch_size"] <= config["faces"], "need 1 <= --batch-size <= --faces")
+    require(1 <= config["batch_size"] <= config["faces"], "need 1 <= train.batch_size <= --faces")
     require(tolerance > 0, "--tolerance must be > 0")
-    precision = resolve_precision(precision_name, config["channels_last"], device)
+    precision = resolve_precision(train.precision, train.channels_last, device)
     if work_dir is not None:
         Path(work_dir).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="wflw_bench_start.", dir=work_dir))
     config["work_dir"] = str(scratch)
-    config["cache_dir"] = str(scratch / "compile_cache")  # new, so empty: the first run is cold
+    cache = str(scratch / "compile_cache")  # new, so empty: the first run is cold
+    config["params"] = replace(params, train=replace(train, compile_cache=cache)).to_dict()
     config["tmp_dir"] = str(scratch / "tmp")
     Path(config["tmp_dir"]).mkdir()
     result: dict[str, Any] = {
         **header("start", device, command),
         "complete": False,
-        **{
-            k: v
-            for k, v in config.items()
-            if k not in ("params", "work_dir", "cache_dir", "tmp_dir", "device")
-        },
-        "precision": precision_label(precision),
+        **{k: v for k, v in config.items() if k not in ("params", "work_dir", "tmp_dir")},
+        "precision": precision.name,
         "full_speed_rule": f"the first step that, with the next {FULL_SPEED_RUN - 1}, takes at most "
         f"(1 + tolerance) x the steady step (median of the second half)",
         "runs": [],
@@ -337,7 +292,7 @@ def run_start(
         f"\nstart: {config['arch']} {config['input_size']}x{config['input_size']}, batch "
         f"{config['batch_size']}, {result['precision']}, "
         f"{'channels_last' if config['channels_last'] else 'contiguous'}, compile "
-        f"{compile_mode if config['compile'] else 'off'}, {config['faces']} crops of "
+        f"{'on' if config['compile'] else 'off'}, {config['faces']} crops of "
         f"{config['crop_size']} px, "
         f"{config['steps']} steps, on {device}; seconds from launch unless stated"
     )

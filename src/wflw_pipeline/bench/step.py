@@ -2,13 +2,13 @@
 
 The baseline is the step `engine.train_one_epoch` runs (`engine.train_step`: forward under autocast, the
 loss in fp32, backward, Adam, the LR schedule), on a model, optimiser and scheduler built as `wflw train`
-builds them. A variant changes how that step executes, never what it computes: BatchNorm in training
-mode, the loss of loss.*, Adam and the LambdaLR schedule of train.*, bf16 autocast (CUDA) with DeepPose's
-fp32 head. A variant is a base, then Inductor options joined by "+" (`compile+conv1x1+coord`); BASES and
-OPTIONS say what each does. Every variant runs at every batch size asked for: all the (variant, batch
-size) pairs are built first (each compiles, if it does, on its first step), then timed in turns, each
-pair's block of steps once per repeat (A, B, C, A, B, C, ...) on the same random inputs, so a drift of
-clock or load hits all alike.
+builds them (core.optim) from the params file. A variant changes how that step executes, never what it
+computes: BatchNorm in training mode, the loss of loss.*, Adam and the LambdaLR schedule of train.*,
+bf16 autocast (CUDA) with DeepPose's fp32 head. A variant is a base, then Inductor options joined by "+"
+(`compile+conv1x1+coord`); BASES and OPTIONS say what each does. Every variant runs at every batch size
+asked for: all the (variant, batch size) pairs are built first (each compiles, if it does, on its first
+step), then timed in turns, each pair's block of steps once per repeat (A, B, C, A, B, C, ...) on the same
+random inputs, so a drift of clock or load hits all alike.
 
 Not a variant: cuDNN's fused BatchNorm+ReLU and BatchNorm+add+ReLU (cudnnBatchNormalizationForwardTrainingEx
 with CUDNN_BATCHNORM_OPS_BN_ACTIVATION / _BN_ADD_ACTIVATION, NHWC). PyTorch does not expose them:
@@ -34,25 +34,25 @@ from typing import Any, cast
 
 import torch
 
-from .. import engine, fileio, wflw
-from ..losses import loss_from_params
-from ..model import DeepPose, build_model
-from ..params import LossParams, TrainParams
-from ..runtime import Precision, configure_backends
-from ..train import build_optimizer, lr_factor
+from .. import fileio
+from ..core import engine
+from ..core.losses import loss_from_params
+from ..core.model import DeepPose
+from ..core.optim import iters_per_epoch, lr_factor
+from ..core.runtime import Precision, compile_model
+from ..data import wflw
+from ..params import Params
 from .common import (
-    REFERENCE_FACES,
+    build_training,
     format_runs,
     format_table,
     header,
     median,
     peak_memory,
-    precision_label,
     require,
     reset_memory,
-    resolve_device,
-    resolve_precision,
     synchronize,
+    training_device,
     write_result,
 )
 
@@ -96,7 +96,8 @@ def peak_tflops(device: torch.device, precision: Precision, given: float | None)
 
 BASES: dict[str, str] = {
     "eager": "engine.train_step, the model not compiled",
-    "compile": "engine.train_step on torch.compile(model, dynamic=False): Inductor, default options",
+    "compile": "engine.train_step on the model compiled as train compiles it (runtime.compile_model), "
+    "static shapes: Inductor, default options",
     "graph-step": "the whole step of the compiled model (forward, loss, zero_grad + backward, fused Adam) "
     "captured as one CUDA graph and replayed; Adam capturable, its lr a device tensor that the LambdaLR "
     "schedule rewrites between replays (CUDA only)",
@@ -207,26 +208,6 @@ def parse_variants(names: str | Sequence[str]) -> list[Variant]:
     return variants
 
 
-def legacy_variants(compile: str, compile_mode: str, cuda: bool) -> list[Variant]:
-    """The variants `--compile off|on|both|auto` with `--compile-mode` stand for."""
-    compiled = parse_variant("+".join(["compile", *MODE_OPTIONS[compile_mode]]))
-    eager = parse_variant("eager")
-    auto = [eager, compiled] if cuda else [eager]
-    return {"off": [eager], "on": [compiled], "both": [eager, compiled], "auto": auto}[compile]
-
-
-def build_training(
-    arch: str, device: torch.device, precision: Precision, train: TrainParams, iters_per_epoch: int
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """DeepPose (random init) in the run's memory format, and the optimiser and LR schedule (LambdaLR of
-    `train.lr_factor`) that `wflw train` builds from train.*."""
-    torch.manual_seed(0)
-    model = build_model(arch, "none").to(device).to(memory_format=precision.memory_format())
-    optimizer = build_optimizer(model, train, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(train, iters_per_epoch))
-    return model, optimizer, scheduler
-
-
 class TensorLR:
     """train.*'s LambdaLR for an optimiser whose lr is a tensor on the device, the tensor a graph reads.
 
@@ -261,14 +242,12 @@ class TensorLR:
 
 
 def build_graph_training(
-    arch: str, device: torch.device, precision: Precision, train: TrainParams, iters_per_epoch: int
+    params: Params, device: torch.device, precision: Precision, iters: int
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, TensorLR]:
     """build_training for a step captured as a CUDA graph: the same model (same seed); the optimiser
     `wflw train` builds with the same settings, but fused and capturable (its step count on the device)
     and its lr a device tensor; the schedule as TensorLR."""
-    torch.manual_seed(0)
-    model = build_model(arch, "none").to(device).to(memory_format=precision.memory_format())
-    reference = build_optimizer(model, train, device)
+    model, reference, _ = build_training(params, device, precision, iters)
     options = dict(reference.defaults)
     base_lr = float(options["lr"])
     options.update(
@@ -278,7 +257,7 @@ def build_graph_training(
         foreach=None,
     )
     optimizer = type(reference)(model.parameters(), **options)
-    return model, optimizer, TensorLR(optimizer, base_lr, lr_factor(train, iters_per_epoch))
+    return model, optimizer, TensorLR(optimizer, base_lr, lr_factor(params.train, iters))
 
 
 class _Unscheduled:
@@ -349,10 +328,6 @@ class GraphStep:
         return self.loss.clone()
 
 
-def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    return torch.compile(model, mode=None if mode == "default" else mode)
-
-
 @dataclass
 class Prepared:
     """A variant at one batch size, built and warmed up: `step()` runs one training step."""
@@ -375,26 +350,26 @@ class Prepared:
 def prepare(
     variant: Variant,
     *,
-    arch: str,
+    params: Params,
     device: torch.device,
     precision: Precision,
     loss_fn: torch.nn.Module,
-    train: TrainParams,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     warmup: int,
 ) -> Prepared:
-    """Build `variant` for a batch of `inputs` (the LR schedule of the reference run at that batch size),
+    """Build `variant` for a batch of `inputs` (the LR schedule of params' run at that batch size),
     run its first step (timed: compile included) and its warm-up (their losses in `setup_losses`)."""
     started = time.perf_counter()
     batch_size = len(inputs)
-    iters_per_epoch = max(1, REFERENCE_FACES // batch_size)
+    iters = iters_per_epoch(params.data.synthetic.train_faces, batch_size)
     build = build_graph_training if variant.graph else build_training
-    model, optimizer, scheduler = build(arch, device, precision, train, iters_per_epoch)
+    model, optimizer, scheduler = build(params, device, precision, iters)
     model.train()
     step_model = model
     if variant.compiled:
-        step_model = torch.compile(model, dynamic=False, options=variant.inductor_options() or None)
+        options = variant.inductor_options() or None
+        step_model = compile_model(model, params.train.compile_cache, options=options)
     capture_s = None
     if variant.graph:
         graph = GraphStep(
@@ -431,10 +406,12 @@ def _random_batch(batch_size: int, input_size: int, device: torch.device, precis
 
 def _room_for(pairs: int) -> contextlib.AbstractContextManager:
     """Dynamo's recompile limit raised for `pairs` compiled models sharing DeepPose.forward, and hitting it
-    made an error: past the limit Dynamo would silently run the model eagerly."""
+    made an error (past the limit Dynamo would silently run the model eagerly); no automatic dynamic
+    shapes, so that each batch size gets its own static graph, as train's one batch size does."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     changes: dict[str, Any] = {name: max(getattr(config, name), 2 * pairs + 8)}
+    changes["automatic_dynamic_shapes"] = False
     for key in ("accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(config, key):
             changes[key] = max(getattr(config, key), 4 * pairs + 16)
@@ -460,15 +437,12 @@ def time_variants(
     variants: Sequence[Variant],
     batch_sizes: Sequence[int],
     *,
-    arch: str,
-    input_size: int,
+    params: Params,
     steps: int,
     warmup: int,
     repeats: int,
     device: torch.device,
     precision: Precision,
-    loss: LossParams,
-    train: TrainParams,
     progress: Callable[[list[Prepared], list[dict[str, Any]]], None] = lambda done, not_run: None,
 ) -> tuple[list[Prepared], list[dict[str, Any]]]:
     """Every variant at every batch size: built in turn (graph variants last), then timed in turns.
@@ -478,7 +452,8 @@ def time_variants(
     results come in.
     """
     cuda = device.type == "cuda"
-    loss_fn = loss_from_params(loss, input_size)
+    input_size = params.model.input_size
+    loss_fn = loss_from_params(params.loss, input_size)
     pairs = [(v, b) for b in batch_sizes for v in variants]
     order = sorted(range(len(pairs)), key=lambda i: pairs[i][0].graph)  # graph captures last
     batches = {b: _random_batch(b, input_size, device, precision) for b in batch_sizes}
@@ -511,7 +486,7 @@ def time_variants(
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 pair = prepare(
-                    variant, arch=arch, device=device, precision=precision, loss_fn=loss_fn, train=train,
+                    variant, params=params, device=device, precision=precision, loss_fn=loss_fn,
                     inputs=inputs, targets=targets, warmup=warmup,
                 )  # fmt: skip
             except Exception as err:  # a variant this torch or GPU cannot run must not stop the others
@@ -593,45 +568,28 @@ def _add_ratios(rows: list[dict[str, Any]], baseline: str, first_batch: int) -> 
 
 def run_train_step(
     *,
+    params: Params,
+    variants: str | None,
+    batch_sizes: Sequence[int] | None,
+    steps: int | None,
+    warmup: int | None,
+    repeats: int,
+    peak: float | None,
     out_dir: Path,
-    loss: LossParams,
-    train: TrainParams,
-    arch: str = "resnet50",
-    input_size: int = 256,
-    batch_size: int | None = None,
-    batch_sizes: Sequence[int] | None = None,
-    variants: str | Sequence[str] | None = None,
-    steps: int | None = None,
-    warmup: int | None = None,
-    repeats: int = 3,
-    device_name: str = "auto",
-    precision_name: str = "auto",
-    channels_last: bool | None = None,
-    compile: str = "auto",
-    compile_mode: str = "default",
-    peak: float | None = None,
-    command: str | None = None,
+    command: str | None,
 ) -> dict[str, Any]:
     """Train-step throughput of each variant at each batch size, timed in turns; peak memory, FLOPs, MFU;
-    train_step.json. Without `variants`, `compile` and `compile_mode` choose them (legacy_variants)."""
-    device = resolve_device(device_name)
+    train_step.json. Without `variants`, the step as train.compile runs it; without `batch_sizes`, at
+    train.batch_size."""
+    device, precision = training_device(params.train)
     cuda = device.type == "cuda"
-    if variants is None:
-        chosen = legacy_variants(compile, compile_mode, cuda)
-    else:
-        require(
-            compile == "auto" and compile_mode == "default",
-            "--variants replaces --compile and --compile-mode: give one or the other",
-        )
-        chosen = parse_variants(variants)
-    require(not (batch_size and batch_sizes), "give --batch-size or --batch-sizes, not both")
-    sizes = list(batch_sizes) if batch_sizes else [batch_size or (256 if cuda else 8)]
+    chosen = parse_variants(variants or ("compile" if params.train.compile else "eager"))
+    sizes = list(batch_sizes or [params.train.batch_size])
     require(len(set(sizes)) == len(sizes), f"--batch-sizes: a size is named twice in {sizes}")
     steps = steps or (200 if cuda else 3)
     warmup = warmup if warmup is not None else (10 if cuda else 1)
     require(min(sizes) >= 1 and steps >= 1 and repeats >= 1, "batch sizes, --steps, --repeats must be >= 1")
-    precision = resolve_precision(precision_name, channels_last, device)
-    configure_backends(device)
+    arch, input_size = params.model.arch, params.model.input_size
     reset_memory(device)
     flops = forward_flops(arch, input_size)
     peak_value, peak_source = peak_tflops(device, precision, peak)
@@ -649,7 +607,7 @@ def run_train_step(
         "steps": steps,
         "warmup_steps": warmup,
         "repeats": repeats,
-        "precision": precision_label(precision),
+        "precision": precision.name,
         "channels_last": precision.channels_last,
         "forward_gflop_per_image": flops / 1e9,
         "train_gflop_per_image": 3 * flops / 1e9,
@@ -673,8 +631,8 @@ def run_train_step(
         arch, input_size, device, ", ".join(v.name for v in chosen), ", ".join(map(str, sizes)),
     )  # fmt: skip
     done, not_run = time_variants(
-        chosen, sizes, arch=arch, input_size=input_size, steps=steps, warmup=warmup, repeats=repeats,
-        device=device, precision=precision, loss=loss, train=train, progress=record,
+        chosen, sizes, params=params, steps=steps, warmup=warmup, repeats=repeats,
+        device=device, precision=precision, progress=record,
     )  # fmt: skip
     record(done, not_run)
     if any(v.compiled for v in chosen):

@@ -1,0 +1,205 @@
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision
+from helpers import default_params
+
+from wflw_pipeline.core import model as model_module
+from wflw_pipeline.core.geometry import CropRule, View
+from wflw_pipeline.core.model import (
+    MODEL_FORMAT_VERSION,
+    TRAINED_KEYS,
+    CheckpointError,
+    DeepPose,
+    ModelError,
+    Normalize,
+    build_model,
+    load_trained,
+    save_trained,
+)
+
+
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory: pytest.TempPathFactory):
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18()
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    return path, reference.state_dict()
+
+
+def test_forward_gives_98_points_starting_at_the_mean_shape():
+    mean_shape = torch.rand(98, 2)
+    net = build_model("resnet18", "none", mean_shape).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 98, 2)
+    assert torch.allclose(out, mean_shape.expand(2, 98, 2))
+
+
+def test_default_head_predicts_the_input_centre():
+    head = DeepPose("resnet18").head
+    assert torch.equal(head.bias, torch.full((196,), 0.5)) and not head.weight.any()
+
+
+def test_mean_shape_of_wrong_shape_is_rejected():
+    with pytest.raises(ModelError, match=r"\(98, 2\)"):
+        DeepPose("resnet18", torch.zeros(68, 2))
+
+
+def test_state_dict_file_round_trips_into_the_backbone(resnet18_file):
+    path, reference = resnet18_file
+    backbone = build_model("resnet18", str(path)).backbone.state_dict()
+    assert not any(key.startswith("fc.") for key in backbone)
+    assert backbone.keys() == {key for key in reference if not key.startswith("fc.")}
+    for key, value in backbone.items():
+        assert torch.equal(value, reference[key]), key
+
+
+def test_state_dict_file_missing_keys_names_file_and_keys(tmp_path, resnet18_file):
+    _, reference = resnet18_file
+    path = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in reference.items() if not k.startswith("conv1.")}, path)
+    with pytest.raises(ModelError, match=r"partial\.pth.*missing keys.*conv1\.weight"):
+        build_model("resnet18", str(path))
+
+
+def test_state_dict_with_wrong_shapes_is_rejected(tmp_path, resnet18_file):
+    _, reference = resnet18_file
+    path = tmp_path / "other.pth"
+    torch.save({**reference, "conv1.weight": torch.zeros(64, 1, 7, 7)}, path)
+    with pytest.raises(ModelError, match=r"other\.pth.*shapes.*conv1\.weight"):
+        build_model("resnet18", str(path))
+
+
+def test_missing_or_unreadable_file_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match=r"nope\.pth"):
+        build_model("resnet18", str(tmp_path / "nope.pth"))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=r"garbage\.pth"):
+        build_model("resnet18", str(garbage))
+
+
+def test_imagenet_offline_explains_how_to_use_a_local_file(monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(ModelError, match="offline") as info:
+        build_model("resnet18", "imagenet")
+    assert "state_dict" in str(info.value) and "pretrained" in str(info.value)
+
+
+def test_imagenet_uses_the_torchvision_weights(monkeypatch, resnet18_file):
+    _, reference = resnet18_file
+    requested = []
+
+    def cached(weights, **kwargs):
+        requested.append(weights)
+        return reference
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", cached)
+    backbone = build_model("resnet18", "imagenet").backbone
+    assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
+    assert torch.equal(backbone.conv1.weight, reference["conv1.weight"])
+
+
+def test_unknown_arch_lists_the_choices():
+    with pytest.raises(ModelError, match="resnet18, resnet34, resnet50, resnet101"):
+        build_model("vgg16", "none")
+    assert set(model_module.ARCHITECTURES) == {"resnet18", "resnet34", "resnet50", "resnet101"}
+
+
+# ---------------------------------------------------------------- model.pt
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DeepPose]:
+    """A model.pt written by save_trained with hand-picked fields, and the network it holds."""
+    torch.manual_seed(0)
+    network = DeepPose("resnet18", torch.full((98, 2), 0.25))
+    path = tmp_path_factory.mktemp("trained") / "model.pt"
+    params = default_params().to_dict()
+    params["train"]["channels_last"] = False
+    save_trained(
+        path,
+        network.state_dict(),
+        arch="resnet18",
+        view=View(64, 1.25, 48),
+        face_box={"bbox": "rect", "padding": 1.1},
+        normalize=Normalize((1.0, 2.0, 3.0), (4.0, 5.0, 6.0)),
+        mean_shape=torch.full((98, 2), 0.25),
+        data={"source": "synthetic", "crop": {"bbox": "rect", "padding": 1.1}},
+        epoch=7,
+        params=params,
+    )
+    return path, network
+
+
+def test_load_trained_gives_every_field_typed(saved):
+    path, network = saved
+    trained = load_trained(path)
+    assert trained.arch == "resnet18" and trained.epoch == 7
+    assert trained.view == View(crop_size=64, context=1.25, input_size=48)
+    assert trained.crop == CropRule(bbox="rect", padding=1.1, context=1.25, crop_size=64)
+    assert trained.normalize == Normalize(mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0))
+    assert torch.equal(trained.mean_shape, torch.full((98, 2), 0.25))
+    assert trained.data == {"source": "synthetic", "crop": {"bbox": "rect", "padding": 1.1}}
+    assert trained.params["train"]["channels_last"] is False and trained.channels_last is False
+    assert not trained.model.training and trained.device == torch.device("cpu")
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in trained.model.state_dict().items())
+
+
+def test_the_file_keeps_its_format(saved):
+    state = torch.load(saved[0], weights_only=True)
+    assert tuple(state) == TRAINED_KEYS and state["format_version"] == MODEL_FORMAT_VERSION == 2
+    assert state["view"] == {"crop_size": 64, "context": 1.25, "input_size": 48}
+    assert state["face_box"] == {"bbox": "rect", "padding": 1.1}
+    assert state["normalize"] == {"mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0]}
+
+
+def test_the_model_is_loaded_in_the_memory_format_it_was_trained_in(saved, tmp_path):
+    conv = "backbone.conv1.weight"
+    assert load_trained(saved[0]).model.state_dict()[conv].is_contiguous()
+    state = torch.load(saved[0], weights_only=True)
+    state["params"]["train"]["channels_last"] = True
+    torch.save(state, tmp_path / "model.pt")
+    weight = load_trained(tmp_path / "model.pt").model.state_dict()[conv]
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+def test_missing_or_garbled_checkpoints_name_the_path(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nowhere\.pt: trained model not found"):
+        load_trained(tmp_path / "nowhere.pt")
+    garbled = tmp_path / "garbled.pt"
+    garbled.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"garbled\.pt: cannot read"):
+        load_trained(garbled)
+    partial = tmp_path / "partial.pt"
+    torch.save({"model": {}, "arch": "resnet18"}, partial)
+    with pytest.raises(
+        CheckpointError, match=r"partial\.pt: not a model written by .* \(lacks \['format_version'"
+    ):
+        load_trained(partial)
+    wrong = tmp_path / "wrong.pt"
+    complete = {key: {} for key in TRAINED_KEYS} | {
+        "format_version": MODEL_FORMAT_VERSION,
+        "arch": "resnet18",
+    }
+    torch.save(complete | {"view": dict.fromkeys("abc")}, wrong)
+    with pytest.raises(CheckpointError, match=r"wrong\.pt: `view` must hold"):
+        load_trained(wrong)
+    torch.save(complete | {"format_version": 1}, wrong)
+    with pytest.raises(CheckpointError, match=r"wrong\.pt: model format 1, this version reads 2"):
+        load_trained(wrong)
+
+
+def test_a_malformed_field_is_a_checkpoint_error(saved, tmp_path):
+    state = torch.load(saved[0], weights_only=True)
+    del state["normalize"]["std"]
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match=r"model\.pt: malformed model file \(KeyError: 'std'\)"):
+        load_trained(tmp_path / "model.pt")

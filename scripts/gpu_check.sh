@@ -68,7 +68,7 @@ if [[ "$SMOKE" == 1 ]]; then
     PIPELINE=(data.synthetic.train_faces=48 data.synthetic.test_faces=24 data.synthetic.max_image_size=400
               convert.crop_size=48 model.input_size=32 train.epochs=2 train.batch_size=8 train.warmup_iters=2
               train.milestones=[10] evaluate.batch_size=16 tracking.enabled=false)
-    # compile off: the cold/warm compile on the CPU is a slow test of its own (tests/test_bench_start.py)
+    # compile off: the cold/warm compile on the CPU is a slow test of its own (tests/bench/test_start.py)
     START_ARGS=(--set model.arch=resnet18 --set model.input_size=32 --set train.batch_size=4 --faces 8
                 --set convert.crop_size=48 --steps 3 --set train.compile=false)
     LIMITS=(60 60 60 120 90)
@@ -151,7 +151,7 @@ print("A/B variants:", *sys.argv[1:])' "${AB_RUN[@]}" || FAILED+=("ab-variants")
         AB_ARGS=(--set model.arch=resnet18 --set model.input_size=32 --steps 2 --warmup 1 --repeats 2)
         AB_SIZE=4
         AB_SIZES=4,8
-        # no compiling on the CPU here (tests/test_bench.py checks each compiled variant's training)
+        # no compiling on the CPU here (tests/bench/test_step.py checks each compiled variant's training)
         AB_RUN=([options]=eager,graph-step,graph-eager [batch]=eager [coord]=eager [autotune]=eager)
         declare -A AB_LIMIT=([options]=60 [batch]=60 [coord]=60 [autotune]=60)
     else

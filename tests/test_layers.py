@@ -12,7 +12,7 @@ import pytest
 from paths import ROOT
 
 PACKAGE_DIR = ROOT / "src" / "wflw_pipeline"
-PLUMBING = {"__init__", "params", "errors", "fileio", "progress", "stage_code", "outputs", "retry"}
+PLUMBING = {"__init__", "params", "errors", "fileio", "progress", "stage_code", "outputs", "retry", "tables"}
 STAGES = {"fetch", "convert", "train", "evaluate", "register"}
 LAYERS = {"data", "core", "mlops", "serving", "bench"}
 TORCH_STACK = {"numpy", "pyarrow", "PIL", "torch", "torchvision", "sklearn", "tqdm", "yaml", "matplotlib"}

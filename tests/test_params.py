@@ -234,3 +234,13 @@ def test_train_with_a_params_file_missing_a_key_exits_2_and_writes_nothing(tmp_p
     assert code == 2
     assert f"{path}: train.epochs: missing key" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["missing.yaml"]
+
+
+def test_every_config_sets_the_compile_cache_and_an_empty_one_is_refused(tmp_path):
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
+        assert load_params(path).train.compile_cache == "data/cache/compile", path
+    key = "compile_cache: data/cache/compile"
+    text = (ROOT / "params.yaml").read_text().replace(key, 'compile_cache: ""')
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=r"params.yaml: train.compile_cache: must be a folder or null"):
+        load_params(tmp_path / "params.yaml")

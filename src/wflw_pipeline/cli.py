@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import PipelineError, exit_code, require_mlflow, write_error_file
+from .errors import PipelineError, exit_code, write_error_file
 from .outputs import (
     EVAL,
     MODEL,
@@ -22,9 +21,8 @@ from .outputs import (
     RegisterInputs,
     RegisterOutputs,
     TrainOutputs,
-    untracked,
 )
-from .params import Params, PredictParams, add_params_options, load_params
+from .params import Params, add_params_options, load_params
 
 logger = logging.getLogger("wflw_pipeline")
 
@@ -52,13 +50,6 @@ def _train(params: Params, args: argparse.Namespace) -> None:
 
 
 def _register(params: Params, args: argparse.Namespace) -> None:
-    if not params.tracking.enabled:
-        from . import fileio
-
-        fileio.write_json(RegisterOutputs(Path(args.out)).registered, untracked("tracking.enabled is false"))
-        logger.info("tracking.enabled is false: nothing registered")
-        return
-    require_mlflow()
     from .register import run_register
 
     train = TrainOutputs(train_dir=Path(args.train_dir))
@@ -69,44 +60,15 @@ def _register(params: Params, args: argparse.Namespace) -> None:
 
 
 def _predict(params: Params, args: argparse.Namespace) -> None:
-    from .core.runtime import resolve_device
-    from .serving.inference import LandmarkPredictor
-    from .serving.model_uri import model_file
-    from .serving.predict import Face, check, find_images, parse_bbox, predict_images
+    from .serving.predict import run_predict
 
-    config = params.predict
-    box = parse_bbox(args.bbox) if args.bbox else None
-    sources = find_images([Path(path) for path in args.paths])
-    with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:
-        model_path, name = model_file(params, args.model, Path(folder))
-        predictor = LandmarkPredictor.load(model_path, resolve_device(config.device, key="predict.device"))
-    find_faces = (lambda image: [Face(box, None)]) if box else _detector(config)
-    rule = predictor.trained.crop
-    summary = predict_images(sources, predictor, rule, find_faces, config, Path(args.out), name)
-    steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary.seconds.items())
-    logger.info("%d images, %d faces -> %s (%s)", summary.images, summary.faces, args.out, steps)
-    check(summary)
-
-
-def _detector(config: PredictParams) -> Callable:
-    from .serving.predict import Detector
-
-    return Detector(config.upsample, config.detect_max_side, config.min_score)
+    run_predict(params, args.model, [Path(path) for path in args.paths], args.bbox, Path(args.out))
 
 
 def _export(params: Params, args: argparse.Namespace) -> None:
-    from .serving.export import check_onnx, export_onnx, noise_crops
-    from .serving.inference import LandmarkPredictor
-    from .serving.model_uri import model_file
+    from .serving.export import run_export
 
-    with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:
-        model_path, name = model_file(params, args.model, Path(folder))
-        out = export_onnx(model_path, Path(args.out))
-        crops = noise_crops(LandmarkPredictor.load(model_path).crop_size)
-        worst = check_onnx(out, model_path, crops)
-    logger.info(
-        "wrote %s from %s: onnxruntime matches PyTorch to %.2g px on %d crops", out, name, worst, len(crops)
-    )
+    run_export(params, args.model, Path(args.out))
 
 
 def _promote(params: Params, args: argparse.Namespace) -> None:

@@ -1,13 +1,12 @@
 """Stage register: completes the pipeline's MLflow run from the DVC outputs (mlops/pipeline_run.py says
 which run), logs the model with its checked ONNX export and registers a version of `registry.model_name`
-with the alias `challenger`."""
+with the alias `challenger`. With tracking off it records why nothing was registered and imports no MLflow."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,10 @@ from . import fileio
 from .core.model import load_trained
 from .data.contract import data_identity
 from .data.dataset import load_faces
-from .errors import PipelineError
-from .mlops import pipeline_run
-from .mlops.client import connect
-from .mlops.registry import CHALLENGER, register_version
-from .outputs import RegisterInputs, RegisterOutputs
+from .errors import PipelineError, require_mlflow
+from .outputs import RegisterInputs, RegisterOutputs, untracked
 from .params import Params
-from .serving.export import check_onnx, export_onnx
+from .serving.export import export_checked
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +55,33 @@ ONNX_CHECK_CROPS = 16
 """Test crops on which register checks the ONNX export against PyTorch."""
 
 
-def export_checked_onnx(model: Path, folder: Path, test_split: Path) -> pipeline_run.OnnxFile:
-    """model.pt exported to `folder`/model.onnx, checked against PyTorch on the test split's first crops."""
-    path = export_onnx(model, folder / "model.onnx")
+def export_checked_onnx(model: Path, folder: Path, test_split: Path) -> tuple[Path, float, int]:
+    """model.pt exported to `folder`/model.onnx, checked against PyTorch on the test split's first crops:
+    (the file, the largest difference in crop pixels, the number of crops)."""
+    path = folder / "model.onnx"
     crops = load_faces(test_split).images[:ONNX_CHECK_CROPS].permute(0, 2, 3, 1).numpy()
-    worst = check_onnx(path, model, crops)
+    worst = export_checked(model, path, crops)
     logger.info("ONNX export matches PyTorch to %.2g px on %d test crops", worst, len(crops))
-    return pipeline_run.OnnxFile(path, worst, len(crops))
+    return path, worst, len(crops)
 
 
 def run_register(params: Params, inputs: RegisterInputs, out: RegisterOutputs) -> dict[str, Any]:
     """Complete the run, log the model with its checked ONNX export, register a version, alias it
-    `challenger`; write registered.json."""
+    `challenger`; write registered.json (with tracking off: why nothing was registered)."""
+    if not params.tracking.enabled:
+        result = untracked("tracking.enabled is false")
+        fileio.write_json(out.registered, result)
+        logger.info("tracking.enabled is false: nothing registered")
+        return result
+    require_mlflow()
+    return _register(params, inputs, out)
+
+
+def _register(params: Params, inputs: RegisterInputs, out: RegisterOutputs) -> dict[str, Any]:
+    from .mlops import pipeline_run
+    from .mlops.client import connect
+    from .mlops.registry import CHALLENGER, register_version
+
     _check_inputs(inputs)
     evaluation_path = inputs.evaluation.metrics
     evaluation = json.loads(evaluation_path.read_text())
@@ -78,7 +89,10 @@ def run_register(params: Params, inputs: RegisterInputs, out: RegisterOutputs) -
     tracking = connect(params.tracking)
     tracking.call("reach the tracking server", tracking.client.search_experiments, max_results=1)
     train_run = _train_run_id(inputs.train.run_ref)
-    export = partial(export_checked_onnx, test_split=inputs.splits.split("test"))
+
+    def export(model: Path, folder: Path) -> pipeline_run.OnnxFile:
+        return pipeline_run.OnnxFile(*export_checked_onnx(model, folder, inputs.splits.split("test")))
+
     run_id, origin = pipeline_run.find_or_start(tracking, params, inputs, train_run, outputs)
     metrics = pipeline_run.result_metrics(evaluation)
     model_uri = pipeline_run.complete(tracking, run_id, inputs, metrics, outputs, export)

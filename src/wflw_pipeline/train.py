@@ -16,7 +16,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import fileio, stage_code
-from .core.engine import EpochResult, NonFiniteLossError, epoch_generators, predict, train_one_epoch
+from .core.engine import (
+    EpochBatches,
+    EpochResult,
+    NonFiniteLossError,
+    epoch_generators,
+    predict,
+    train_one_epoch,
+)
 from .core.geometry import View
 from .core.losses import loss_from_params
 from .core.metrics import mean_shape_nme, nme_per_face
@@ -285,15 +292,17 @@ def _train(
                 run.optimizer,
                 run.scheduler,
                 loss_fn,
-                train,
-                view=run.view,
-                augmentation=params.augment,
-                batch_size=config.batch_size,
-                order_generator=order,
-                augment_generator=augmentation,
-                precision=run.precision,
-                rank=world.rank,
-                world_size=world.world_size,
+                EpochBatches(
+                    train,
+                    view=run.view,
+                    augmentation=params.augment,
+                    batch_size=config.batch_size,
+                    order_generator=order,
+                    augment_generator=augmentation,
+                    precision=run.precision,
+                    rank=world.rank,
+                    world_size=world.world_size,
+                ),
                 progress=world.main,
             )
         except NonFiniteLossError as err:

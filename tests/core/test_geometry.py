@@ -5,6 +5,7 @@ import pytest
 from helpers import default_params
 from PIL import Image
 
+from wflw_pipeline.core import geometry
 from wflw_pipeline.core.geometry import CropRule, face_box, square_box
 
 
@@ -44,3 +45,9 @@ def test_a_warp_that_shrinks_2x_averages_each_2x2_block_first():
     rule = CropRule("rect", 1.0, 1.0, 4)
     crop = np.asarray(rule.warp(Image.fromarray(pixels), np.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]])))
     np.testing.assert_array_equal(crop[:, :, 0], blocks + 3)
+
+
+def test_crop_to_image_applies_each_faces_affine():
+    matrices = np.array([[[2.0, 0.0, 10.0], [0.0, 2.0, 20.0]], [[1.0, 0.0, -5.0], [0.0, 1.0, 0.0]]])
+    points = np.array([[[1.0, 1.0]], [[3.0, 4.0]]])
+    assert geometry.crop_to_image(points, matrices).tolist() == [[[12.0, 22.0]], [[-2.0, 4.0]]]

@@ -203,3 +203,17 @@ def test_a_malformed_field_is_a_checkpoint_error(saved, tmp_path):
     torch.save(state, tmp_path / "model.pt")
     with pytest.raises(CheckpointError, match=r"model\.pt: malformed model file \(KeyError: 'std'\)"):
         load_trained(tmp_path / "model.pt")
+
+
+def test_the_head_runs_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = build_model("resnet18", "none").eval()
+    torch.nn.init.normal_(model.head.weight, std=0.05)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.backbone(x)
+        out = model(x)
+    assert features.dtype == torch.bfloat16  # the backbone does run in bf16
+    assert out.dtype == torch.float32
+    exact = (features.float() @ model.head.weight.T + model.head.bias).view(-1, 98, 2)
+    assert torch.equal(out, exact)  # bf16 output would differ: its steps are 2^-8 in [0.5, 1)

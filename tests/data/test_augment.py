@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from wflw_pipeline.core import engine
 from wflw_pipeline.data import augment, wflw
 
 CROP, CONTEXT = 48, 1.5
@@ -197,3 +198,66 @@ def test_positive_angle_shows_the_face_turned_counter_clockwise():
     below_centre = torch.tensor([[[CROP / 2, CROP / 2 + 8]]]).expand(1, 98, 2)
     points = augment.transform_landmarks(below_centre, matrices, params.flip)
     assert points[0, 0].tolist() == pytest.approx([VIEW / 2 + 8, VIEW / 2], abs=1e-4)
+
+
+# The performance changes to augment.py and engine.py keep their results: checked against the plain forms.
+
+
+def _plain_warp(images, matrices, out_size, mean, std):
+    """augment.warp as one affine_grid + grid_sample over the whole batch, then (x - mean) / std."""
+    theta = augment._grid_theta(matrices.float(), tuple(images.shape[-1:-3:-1]), out_size)
+    grid = torch.nn.functional.affine_grid(theta, [len(images), 3, out_size, out_size], align_corners=False)
+    sampled = torch.nn.functional.grid_sample(images.float(), grid, align_corners=False)
+    return (sampled - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 9])
+def test_chunked_warp_with_index_and_out_matches_the_plain_form(batch):
+    generator = torch.Generator().manual_seed(batch)
+    images = torch.randint(0, 256, (12, 3, 40, 40), dtype=torch.uint8, generator=generator)
+    index = torch.randint(0, 12, (batch,), generator=generator)
+    params = augment.draw_params(batch, generator=generator, device="cpu")
+    matrices = augment.view_matrices(params, 40, 1.5, 24)
+    mean, std = engine.IMAGENET.mean, engine.IMAGENET.std
+    expected = _plain_warp(images[index], matrices, 24, mean, std)
+    plain = augment.warp(images[index], matrices, 24, mean, std)
+    assert torch.allclose(plain, expected, atol=1e-4)
+    out = torch.full((batch, 3, 24, 24), float("nan")).contiguous(memory_format=torch.channels_last)
+    written = augment.warp(images, matrices, 24, mean, std, torch.channels_last, out=out, index=index)
+    assert written is out and written.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(written, plain)
+    with pytest.raises(ValueError, match="out must be float32"):
+        augment.warp(images[index], matrices, 24, mean, std, out=torch.empty(batch, 3, 23, 24))
+
+
+def test_affine_grid_equals_torch_affine_grid():
+    theta = torch.randn(6, 2, 3, generator=torch.Generator().manual_seed(0))
+    for size in (1, 7, 64):
+        expected = torch.nn.functional.affine_grid(theta, [6, 3, size, size], align_corners=False)
+        assert torch.allclose(augment._affine_grid(theta, size), expected, atol=1e-6)
+
+
+def test_augment_batch_with_index_equals_indexing_first():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 48, 48), dtype=torch.uint8, generator=generator)
+    landmarks = 12 + 24 * torch.rand(6, 98, 2, generator=generator)
+    index = torch.tensor([4, 0, 4, 2])
+    params = augment.draw_params(4, generator=generator, device="cpu")
+    options = {"params": params, "crop_size": 48, "context": 1.5, "out_size": 32, "mean": (1, 2, 3)}
+    options["std"] = (4, 5, 6)
+    lazy = augment.augment_batch(images, landmarks, index=index, **options)
+    eager = augment.augment_batch(images[index], landmarks[index], **options)
+    assert torch.equal(lazy[0], eager[0]) and torch.equal(lazy[1], eager[1])
+
+
+def test_small_constants_are_made_once_per_device():
+    first = augment.flip_permutation("cpu")
+    assert first is augment.flip_permutation(torch.device("cpu"))
+    # What it holds, checked against WFLW.md's table of the 98 points rather than against wflw.FLIP:
+    assert first.dtype == torch.long and torch.equal(first[first], torch.arange(98))  # an involution
+    assert first[:33].tolist() == list(range(32, -1, -1))  # contour: temple to temple, reversed
+    assert sorted(first[60:68].tolist()) == list(range(68, 76))  # image-left eye onto image-right eye
+    assert (first[60].item(), first[64].item()) == (72, 68)  # outer corner to outer, inner to inner
+    centre_line = [16, 51, 52, 53, 54, 57, 79, 85, 90, 94]  # chin, nose bridge and centre, lip centres
+    assert first[centre_line].tolist() == centre_line
+    assert first[[76, 88, 96]].tolist() == [82, 92, 97]  # lip corners and pupils swap sides

@@ -161,8 +161,10 @@ def test_other_archives_or_crop_are_refused_naming_them():
 
 
 def _row(text, metric):
-    (line,) = [line for line in text.splitlines() if line.split()[0] == metric]
-    return line.split()
+    """The cells of the table row of `metric`."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()]
+    (row,) = [row for row in rows if row[0] == metric]
+    return row
 
 
 def test_format_comparison_shows_every_metric_both_versions_and_the_verdict():

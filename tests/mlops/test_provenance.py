@@ -5,8 +5,10 @@ import json
 import subprocess
 
 import yaml
+from helpers import PARAMS_YAML
 
 from wflw_pipeline.mlops import provenance
+from wflw_pipeline.params import load_params
 
 
 def test_flatten_dots_nested_keys_and_writes_values_as_mlflow_shows_them():
@@ -70,3 +72,9 @@ def test_data_tags_and_digest_come_from_both_archive_sha256s():
     assert len(digest) == 16
     other = {**identity, "archives": {**identity["archives"], "WFLW_images.tar.gz": "c" * 64}}
     assert provenance.data_digest(other) != digest
+
+
+def test_run_names_say_what_ran_and_which_dvc_experiment():
+    params = load_params(PARAMS_YAML, ["model.arch=resnet50", "model.input_size=256", "data.source=wflw"])
+    assert provenance.run_name(params, {}) == "r50-256-wing-wflw"
+    assert provenance.run_name(params, {"DVC_EXP_NAME": "lr-sweep-3"}) == "r50-256-wing-wflw-lr-sweep-3"

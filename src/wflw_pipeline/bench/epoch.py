@@ -14,9 +14,9 @@ from ..core.optim import iters_per_epoch
 from ..core.runtime import compile_model
 from ..data.dataset import random_faces
 from ..params import Params
+from ..tables import format_table
 from .common import (
     build_training,
-    format_table,
     header,
     median,
     peak_memory,
@@ -54,13 +54,15 @@ def run_epoch(
             optimizer,
             scheduler,
             loss_fn,
-            faceset,
-            view=view,
-            augmentation=params.augment,
-            batch_size=batch_size,
-            order_generator=order,
-            augment_generator=augment_gen,
-            precision=precision,
+            engine.EpochBatches(
+                faceset,
+                view=view,
+                augmentation=params.augment,
+                batch_size=batch_size,
+                order_generator=order,
+                augment_generator=augment_gen,
+                precision=precision,
+            ),
             progress=False,
         )
         rows.append(

@@ -24,10 +24,10 @@ from ..core.runtime import Precision
 from ..data import augment, wflw
 from ..data.dataset import FaceSet, load_faces
 from ..params import AugmentParams, Params
+from ..tables import format_table
 from .common import (
     endless_batches,
     format_runs,
-    format_table,
     header,
     median,
     require,

@@ -19,7 +19,8 @@ from ..core.model import load_trained
 from ..core.runtime import Precision, resolve_device
 from ..data.dataset import load_faces
 from ..params import Params
-from .common import format_table, header, write_result
+from ..tables import format_table
+from .common import header, write_result
 
 SETTINGS: tuple[tuple[str, torch.dtype | None], ...] = (("fp32", None), ("bf16, fp32 head", torch.bfloat16))
 """(name, autocast dtype)."""

@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 from ..params import PredictParams
-from ..serving.export import OnnxPredictor, check_onnx, export_onnx, noise_crops
+from ..serving.export import OnnxPredictor, export_checked
 from ..serving.inference import LandmarkPredictor
 from ..serving.predict import Detector, Predictor, Source, Summary, predict_images
-from .common import format_runs, format_table, header, median, require, write_result
+from ..tables import format_table
+from .common import format_runs, header, median, require, write_result
 
 SIDES = (480, 640, 800, 1024, 1280, 1600)
 """Long sides of the test photos, in turns."""
@@ -65,8 +66,8 @@ def run_predict(
     device = torch.device("cpu")
     sources = write_photos(work_dir / "photos", images)
     torch_model = LandmarkPredictor.load(checkpoint, device)
-    onnx_path = export_onnx(checkpoint, work_dir / "model.onnx")
-    max_diff = check_onnx(onnx_path, checkpoint, noise_crops(torch_model.crop_size))
+    onnx_path = work_dir / "model.onnx"
+    max_diff = export_checked(checkpoint, onnx_path)
     backends: dict[str, Predictor] = {
         "pytorch": torch_model,
         "onnxruntime": OnnxPredictor(onnx_path, torch_model.crop_size),

@@ -235,7 +235,8 @@ def run_start(
     """
     from .. import fileio
     from ..core.runtime import resolve_device, resolve_precision
-    from .common import format_table, header, require, write_result
+    from ..tables import format_table
+    from .common import header, require, write_result
 
     train = params.train
     device = resolve_device(train.device)

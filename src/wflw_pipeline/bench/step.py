@@ -42,10 +42,10 @@ from ..core.optim import iters_per_epoch, lr_factor
 from ..core.runtime import Precision, compile_model
 from ..data import wflw
 from ..params import Params
+from ..tables import format_table
 from .common import (
     build_training,
     format_runs,
-    format_table,
     header,
     median,
     peak_memory,

@@ -146,7 +146,7 @@ class EpochBatches:
         world_size: int = 1,
     ) -> None:
         self.faces, self.view, self.augmentation, self.precision = faces, view, augmentation, precision
-        self.augment_generator = augment_generator
+        self.augment_generator, self.world_size = augment_generator, world_size
         self.indices = _on_device(
             batch_indices(
                 len(faces),
@@ -178,46 +178,27 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     loss_fn: nn.Module,
-    faces: FaceSet,
+    batches: EpochBatches,
     *,
-    view: View,
-    augmentation: AugmentParams,
-    batch_size: int,
-    order_generator: torch.Generator,
-    augment_generator: torch.Generator,
-    precision: Precision,
-    rank: int = 0,
-    world_size: int = 1,
     progress: bool = True,
 ) -> EpochResult:
-    """One pass over `faces` (this rank's share of each batch, EpochBatches); the result sums every rank.
+    """One pass over `batches` (this rank's share of each); the result sums every rank.
 
     Raises NonFiniteLossError on a NaN/inf loss.
     """
-    device = faces.images.device
+    device = batches.faces.images.device
     model.train()
     total = torch.zeros((), device=device, dtype=_accumulator_dtype(device))
     seen, start, lr = 0, time.perf_counter(), optimizer.param_groups[0]["lr"]
-    batches = EpochBatches(
-        faces,
-        view=view,
-        augmentation=augmentation,
-        batch_size=batch_size,
-        order_generator=order_generator,
-        augment_generator=augment_generator,
-        precision=precision,
-        rank=rank,
-        world_size=world_size,
-    )
     shown = progress_bar(batches, desc="train", unit="batch", disable=not progress, leave=False)
     for inputs, targets in shown:
         lr = optimizer.param_groups[0]["lr"]
-        loss = train_step(model, optimizer, scheduler, loss_fn, inputs, targets, precision)
+        loss = train_step(model, optimizer, scheduler, loss_fn, inputs, targets, batches.precision)
         total += loss * len(inputs)
         seen += len(inputs)
     _check_finite(total)
     totals = torch.stack([total, torch.tensor(float(seen), device=device, dtype=total.dtype)])
-    if world_size > 1:
+    if batches.world_size > 1:
         torch.distributed.all_reduce(totals)
     loss_sum, images = totals.tolist()
     return EpochResult(loss_sum / max(images, 1), int(images), time.perf_counter() - start, lr)

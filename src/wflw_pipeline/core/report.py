@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..data import wflw
+from ..tables import format_table
 from .metrics import ced
 
 TABLE_SUBSETS: tuple[str, ...] = ("test", "pose", "illumination", "occlusion", "blur", "makeup", "expression")
@@ -77,7 +78,6 @@ def results_markdown(metrics: dict[str, Any], context: ReportContext) -> str:
             None if metrics[s]["nme"] is None else metrics[s]["nme"] - REFERENCE_NME[s] for s in TABLE_SUBSETS
         ]
         rows.append(["difference (this run − reference)", "", *(fmt(d, sign=True) for d in diffs)])
-    table = [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(row) for row in rows)]
     t = context.threshold
     lines = [
         f"# Evaluation of {context.checkpoint}",
@@ -87,7 +87,7 @@ def results_markdown(metrics: dict[str, Any], context: ReportContext) -> str:
         f"({_BBOX_WORDS.get(context.bbox, 'see convert.bbox')}). "
         f"Flip test: {'on' if context.flip_test else 'off'}. Epoch: {context.epoch}.",
         "",
-        *table,
+        format_table(header, rows),
         "",
     ]
     if not context.real:
@@ -101,14 +101,15 @@ def results_markdown(metrics: dict[str, Any], context: ReportContext) -> str:
         f"Failure rate FR@{t:g} (% of faces with NME > {t:g}), AUC@{t:g} (area under the CED up to {t:g}, "
         "divided by it) and faces per subset:",
         "",
-        _md_row(["", *TABLE_SUBSETS] + (["val"] if "val" in metrics else [])),
-        _md_row(["---"] * (len(TABLE_SUBSETS) + 1 + ("val" in metrics))),
     ]
     columns = [*TABLE_SUBSETS] + (["val"] if "val" in metrics else [])
-    lines.append(_md_row(["NME (%)", *(fmt(metrics[s]["nme"]) for s in columns)]))
-    lines.append(_md_row([f"FR@{t:g} (%)", *(fmt(metrics[s]["fr"]) for s in columns)]))
-    lines.append(_md_row([f"AUC@{t:g}", *(fmt(metrics[s]["auc"], 4) for s in columns)]))
-    lines.append(_md_row(["faces", *(str(metrics[s]["n"]) for s in columns)]))
+    rows = [
+        ["NME (%)", *(fmt(metrics[s]["nme"]) for s in columns)],
+        [f"FR@{t:g} (%)", *(fmt(metrics[s]["fr"]) for s in columns)],
+        [f"AUC@{t:g}", *(fmt(metrics[s]["auc"], 4) for s in columns)],
+        ["faces", *(str(metrics[s]["n"]) for s in columns)],
+    ]
+    lines.append(format_table(["", *columns], rows))
     return "\n".join(lines) + "\n"
 
 
@@ -116,10 +117,6 @@ _BBOX_WORDS = {
     "landmarks": "the extent of the ground-truth landmarks, the reference protocol",
     "rect": "the annotation's detection rectangle",
 }
-
-
-def _md_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
 
 
 def ced_table(nme: np.ndarray, flags: np.ndarray, threshold: float, steps: int = CED_STEPS) -> tuple:

@@ -18,6 +18,7 @@ import numpy as np
 from ..data import wflw
 from ..errors import PipelineError
 from ..params import RegistryParams
+from ..tables import format_table
 
 METRICS = (*(f"nme_{subset}" for subset in wflw.SUBSETS), "fr_test", "auc_test")
 MOVE_KINDS = ("first", "promote", "force", "rollback")
@@ -230,14 +231,7 @@ def format_comparison(decision: Decision) -> str:
     header = ["metric", f"candidate v{candidate.version}"]
     if champion is not None:
         header = ["metric", f"champion v{champion.version}", header[1], "difference"]
-    rows = [header, *(_row(metric, candidate, champion) for metric in METRICS)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
-        )
-        for row in rows
-    ]
+    lines = [format_table(header, [_row(metric, candidate, champion) for metric in METRICS])]
     lines.append(f"({'difference: candidate - champion; ' if champion else ''}NME and FR in %, AUC 0..1)")
     if decision.interval is not None:
         i = decision.interval

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from ..errors import EXIT_REFUSED, PipelineError
 from ..params import Params
+from ..tables import format_table
 from . import promotion, provenance
 from .client import Tracking, connect, fluent
 from .promotion import Decision, GateRules, PromotionError, VersionResult
@@ -218,15 +219,20 @@ def models(params: Params) -> str:
     for alias, version in (registered.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
     found = tracking.call("list the versions", tracking.client.search_model_versions, f"name = '{name}'")
-    header = f"{'version':>7}  {'aliases':<20} {'NME test':>8} {'FR':>6} {'AUC':>6}  {'data':<10} run"
-    lines = [f"registered model {name} at {tracking.uri}", header]
-    for version in sorted(found, key=lambda v: int(v.version)):
-        tags = version.tags
-        lines.append(
-            f"{version.version:>7}  {','.join(sorted(aliases.get(str(version.version), []))) or '-':<20} "
-            f"{_tag(tags, 'nme_test', 3):>8} {_tag(tags, 'fr_test', 2):>6} {_tag(tags, 'auc_test', 4):>6}  "
-            f"{tags.get('data.source', '-'):<10} {version.run_id}"
-        )
+    rows = [
+        [
+            version.version,
+            ",".join(sorted(aliases.get(str(version.version), []))) or "-",
+            _tag(version.tags, "nme_test", 3),
+            _tag(version.tags, "fr_test", 2),
+            _tag(version.tags, "auc_test", 4),
+            version.tags.get("data.source", "-"),
+            version.run_id,
+        ]
+        for version in sorted(found, key=lambda v: int(v.version))
+    ]
+    headers = ["version", "aliases", "NME test", "FR", "AUC", "data", "run"]
+    lines = [f"registered model {name} at {tracking.uri}", format_table(headers, rows)]
     history = moves(tracking, name)
     lines.append("champion history:" if history else "champion history: none yet")
     for move in history:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,11 @@ from ..core.model import Normalize, load_trained
 from ..data import wflw
 from ..errors import PipelineError
 from ..fileio import atomic_path
+from ..params import Params
 from .inference import LandmarkPredictor
+from .model_uri import model_file
+
+logger = logging.getLogger(__name__)
 
 OPSET = 18
 INPUT, OUTPUT = "crops", "landmarks"
@@ -140,6 +145,25 @@ def check_onnx(onnx_path: Path, model_path: Path, crops: np.ndarray) -> float:
 def noise_crops(crop_size: int, count: int = 8, seed: int = 0) -> np.ndarray:
     """Random uint8 crops for the check when no faces are at hand (parity needs no faces)."""
     return np.random.default_rng(seed).integers(0, 256, (count, crop_size, crop_size, 3), dtype=np.uint8)
+
+
+def export_checked(model_path: Path, out: Path, crops: np.ndarray | None = None) -> float:
+    """`export_onnx`, then `check_onnx` on `crops` (default: noise crops); the largest difference in crop
+    pixels."""
+    export_onnx(model_path, out)
+    if crops is None:
+        crops = noise_crops(load_trained(model_path).view.crop_size)
+    return check_onnx(out, model_path, crops)
+
+
+def run_export(params: Params, model: str | None, out: Path) -> float:
+    """`wflw export`: the model of --model (a file, or a models:/ or runs:/ URI; default the champion) as
+    checked ONNX at `out`; the largest difference from PyTorch in crop pixels."""
+    with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:
+        model_path, name = model_file(params, model, Path(folder))
+        worst = export_checked(model_path, out)
+    logger.info("wrote %s from %s: onnxruntime matches PyTorch to %.2g px", out, name, worst)
+    return worst
 
 
 class OnnxPredictor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,10 +23,13 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .. import fileio
 from ..core.geometry import CropRule, crop_to_image, square_box
+from ..core.runtime import resolve_device
 from ..data import wflw
 from ..errors import EXIT_REFUSED, PipelineError
-from ..params import PredictParams
+from ..params import Params, PredictParams
 from ..progress import progress_bar
+from .inference import LandmarkPredictor
+from .model_uri import model_file
 
 logger = logging.getLogger(__name__)
 
@@ -378,3 +382,28 @@ def check(summary: Summary) -> None:
         raise PredictFailed(
             f"{len(summary.failures)} of {summary.images} images failed or showed no face (each one reported)"
         )
+
+
+def run_predict(
+    params: Params, model: str | None, paths: Sequence[Path], bbox: str | None, out: Path
+) -> Summary:
+    """`wflw predict`: every image of `paths` through the model of --model (default the champion), faces
+    from the detector or the one --bbox; PredictFailed when any image failed."""
+    config = params.predict
+    box = parse_bbox(bbox) if bbox else None
+    sources = find_images(paths)
+    with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:
+        model_path, name = model_file(params, model, Path(folder))
+        predictor = LandmarkPredictor.load(model_path, resolve_device(config.device, key="predict.device"))
+    find_faces = _given(box) if box else Detector(config.upsample, config.detect_max_side, config.min_score)
+    rule = predictor.trained.crop
+    summary = predict_images(sources, predictor, rule, find_faces, config, out, name)
+    steps = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in summary.seconds.items())
+    logger.info("%d images, %d faces -> %s (%s)", summary.images, summary.faces, out, steps)
+    check(summary)
+    return summary
+
+
+def _given(box: tuple[float, float, float, float]) -> Callable[[Image.Image], list[Face]]:
+    """The finder of --bbox: the same one face in every image."""
+    return lambda image: [Face(box, None)]

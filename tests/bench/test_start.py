@@ -1,24 +1,20 @@
-"""The start of a run: `wflw bench start` (cold vs warm compile cache), `train.compile_cache`, one compile.
+"""The start of a run: `wflw bench start` (bench/start.py: cold vs warm compile cache), `train.compile_cache`.
 
-Benchmarks never assert a speed: these tests check what is measured, that the warm run loads the compiled
-graphs the cold run stored, that the cache param reaches torch, and that training compiles once.
+Benchmarks never assert a speed: these tests check what is measured and that the warm run loads the compiled
+graphs the cold run stored. That the cache param reaches torch is tested in tests/core/test_runtime.py, that
+training compiles once in tests/test_train.py.
 """
 
 import json
-import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import default_params, tiny_parquet
+from helpers import default_params
 from paths import ROOT
 
-from wflw_pipeline import cli, train
+from wflw_pipeline import cli
 from wflw_pipeline.bench import start
-from wflw_pipeline.core import runtime
-from wflw_pipeline.outputs import TrainOutputs
-from wflw_pipeline.params import ParamsError, load_params
 
 TINY = (
     "--faces 8 --set model.input_size=32 --set train.batch_size=4 --set convert.crop_size=48 "
@@ -55,82 +51,6 @@ def test_compile_split_adds_up_to_the_compile_time():
     assert split["inductor_s"] == pytest.approx(0.25) and split["aot_autograd_s"] == pytest.approx(0.5)
     assert split["total_s"] == pytest.approx(1.3)
     assert start.compile_split({})["total_s"] is None
-
-
-def test_the_compile_cache_param_reaches_the_environment(tmp_path, monkeypatch):
-    from torch._functorch import config as functorch_config
-    from torch._inductor import config as inductor_config
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(runtime.COMPILE_CACHE_ENV, "/somewhere/else")  # restored after the test
-    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
-    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
-    path = runtime.setup_compile_cache(default_params().train.compile_cache)
-    assert path == tmp_path / "data" / "cache" / "compile" and path.is_dir()  # relative to the cwd
-    assert os.environ[runtime.COMPILE_CACHE_ENV] == str(path)
-    assert inductor_config.fx_graph_cache and functorch_config.enable_autograd_cache
-    # null: torch's own location (whatever the environment says), with the caches still on
-    monkeypatch.setenv(runtime.COMPILE_CACHE_ENV, "/somewhere/else")
-    assert runtime.setup_compile_cache(None) is None
-    assert os.environ[runtime.COMPILE_CACHE_ENV] == "/somewhere/else"
-    # a folder that cannot be made names the key
-    (tmp_path / "file").write_text("")
-    with pytest.raises(runtime.RuntimeSetupError, match=r"^train.compile_cache: cannot create"):
-        runtime.setup_compile_cache(tmp_path / "file" / "cache")
-
-
-def test_every_config_sets_the_compile_cache_and_an_empty_one_is_refused(tmp_path):
-    for path in [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
-        assert load_params(path).train.compile_cache == "data/cache/compile", path
-    key = "compile_cache: data/cache/compile"
-    text = (ROOT / "params.yaml").read_text().replace(key, 'compile_cache: ""')
-    (tmp_path / "params.yaml").write_text(text)
-    with pytest.raises(ParamsError, match=r"params.yaml: train.compile_cache: must be a folder or null"):
-        load_params(tmp_path / "params.yaml")
-
-
-@pytest.fixture(scope="module")
-def parquet_dir(tmp_path_factory) -> Path:
-    """8 train faces and 2 val faces (crops of 48 px)."""
-    return tiny_parquet(tmp_path_factory.mktemp("data"), test=3)
-
-
-def test_training_with_compile_compiles_once_across_epochs_and_validation(tmp_path, parquet_dir, monkeypatch):
-    """2 epochs of 8 faces at batch 3 with a val split: the short last batch (2 faces) is dropped and
-    validation runs on the uncompiled module, so Dynamo never recompiles. (Dynamo decides recompiles
-    whatever the backend: a counting backend stands in for Inductor to keep this fast.)"""
-    graphs = []
-
-    def counting_backend(graph, example_inputs):
-        graphs.append([tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)])
-        return graph.forward
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend))
-    monkeypatch.setenv(runtime.COMPILE_CACHE_ENV, "/unset")  # restored after the test
-    base = default_params()
-    params = replace(
-        base,
-        model=replace(base.model, arch="resnet18", pretrained="none", input_size=32),
-        train=replace(
-            base.train,
-            epochs=2,
-            batch_size=3,
-            warmup_iters=1,
-            device="cpu",
-            compile=True,
-            compile_cache=str(tmp_path / "cache"),
-        ),
-    )
-    torch._dynamo.reset()
-    try:
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            metrics = train.run_train(params, parquet_dir, TrainOutputs(tmp_path / "m", tmp_path / "t"))
-    finally:
-        torch._dynamo.reset()
-    assert metrics["epochs"] == 2 and metrics["val_nme"] is not None  # both epochs validated
-    assert len(graphs) == 1 and (3, 3, 32, 32) in graphs[0]  # one graph, for the full batch of 3
-    assert os.environ[runtime.COMPILE_CACHE_ENV] == str(tmp_path / "cache")
 
 
 def test_one_run_measures_every_phase_and_saves_a_checkpoint(tmp_path):

@@ -1,0 +1,71 @@
+"""The registry's aliases (mlops/registry.py) against a real SQLite-backed MLflow, through `wflw promote`,
+`rollback` and `models`: the gate, --force with its reason, rollback, and the listing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from helpers import tiny_parquet
+from pipeline_cli import register, wflw
+from tracked_pipeline import mlflow_client, pipeline_fixture, trained_fixture  # noqa: F401  (fixtures pipeline, trained)
+
+
+def _variant(root: Path, name: str, delta: float) -> str:
+    """A copy of eval/ whose per-face NME (and the NMEs in metrics.json) are shifted by `delta` points."""
+    out = root / name
+    shutil.copytree(root / "eval", out)
+    table = pq.read_table(out / "per_face.parquet")
+    shifted = pc.add(table.column("nme"), delta)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("nme"), "nme", shifted), out / "per_face.parquet"
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in metrics.values():
+        if isinstance(split, dict) and split.get("nme") is not None and "n" in split:
+            split["nme"] += delta
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    return name
+
+
+def test_promotion_gate_force_and_rollback(pipeline, capsys):
+    assert register(pipeline) == 0
+    assert wflw(pipeline, "promote") == 0
+    assert "champion -> version 1 (first)" in capsys.readouterr().out
+    assert register(pipeline, _variant(pipeline, "better", -1.0)) == 0
+    assert wflw(pipeline, "promote") == 0
+    out = capsys.readouterr().out
+    assert "PROMOTE" in out and "champion -> version 2 (promote)" in out and "v1" in out
+    assert register(pipeline, _variant(pipeline, "worse", +1.0)) == 0
+    assert wflw(pipeline, "promote", "--version", "3") == 1
+    out = capsys.readouterr().out
+    assert "REFUSE" in out and "nme_blur" in out and "v3" in out
+    other = pipeline / "other"
+    tiny_parquet(other, test=9)
+    assert register(pipeline, _variant(pipeline, "other_eval", -2.0), parquet="other/parquet") == 0
+    assert wflw(pipeline, "promote", "--version", "4") != 0
+    assert "other test data" in capsys.readouterr().out
+    client = mlflow_client(pipeline)
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    assert wflw(pipeline, "promote", "--version", "3", "--force") == 2
+    assert wflw(pipeline, "promote", "--version", "3", "--force", "--reason", "hotfix for demo") == 0
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "3"
+    forced = client.get_model_version("m", "3").tags
+    assert forced["wflw.promotion_reason"] == "hotfix for demo" and forced["wflw.promoted_from"] == "2"
+    assert client.get_model_version("m", "2").tags["wflw.demoted_by"] == "3"
+    assert wflw(pipeline, "rollback") == 0
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    capsys.readouterr()
+    assert wflw(pipeline, "models") == 0
+    listing = capsys.readouterr().out
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in listing.splitlines()[3:7]]
+    assert [row[:2] for row in rows] == [
+        ["1", "-"],
+        ["2", "champion"],
+        ["3", "-"],
+        ["4", "challenger"],
+    ]
+    assert "force" in listing and "rollback" in listing and "hotfix for demo" in listing

@@ -206,6 +206,55 @@ def test_bad_params_name_the_key(override, message):
         load_params(PARAMS_YAML, [override])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.wing.epsilon=0", "loss.wing.epsilon: must be > 0; found 0.0"),
+        ("loss.wing.omega=-1", "loss.wing.omega: must be > 0; found -1.0"),
+        ("loss.softwing.omega1=0", "loss.softwing.omega1: must be > 0; found 0.0"),
+        ("loss.softwing.omega2=-2", "loss.softwing.omega2: must be > 0; found -2.0"),
+        ("loss.softwing.epsilon=0", "loss.softwing.epsilon: must be > 0; found 0.0"),
+        ("loss.smoothl1_beta=0", "loss.smoothl1_beta: must be > 0; found 0.0"),
+        ("train.weight_decay=-1", "train.weight_decay: must be >= 0; found -1.0"),
+        ("train.gamma=0", "train.gamma: must be in (0, 1]; found 0.0"),
+        ("train.gamma=-0.1", "train.gamma: must be in (0, 1]; found -0.1"),
+        ("train.gamma=2", "train.gamma: must be in (0, 1]; found 2.0"),
+        (
+            "train.milestones=[-3, 5]",
+            "train.milestones: must be epochs >= 1, strictly increasing; found [-3, 5]",
+        ),
+        ("train.milestones=[0]", "train.milestones: must be epochs >= 1, strictly increasing; found [0]"),
+        (
+            "train.milestones=[15, 10]",
+            "train.milestones: must be epochs >= 1, strictly increasing; found [15, 10]",
+        ),
+        (
+            "train.milestones=[10, 10]",
+            "train.milestones: must be epochs >= 1, strictly increasing; found [10, 10]",
+        ),
+        ("train.lr=.inf", "train.lr: must be a finite number; found inf"),
+        ("train.lr=.nan", "train.lr: must be a finite number; found nan"),
+        ("augment.scale_max=.inf", "augment.scale_max: must be a finite number; found inf"),
+        ("train.seed=-1", "train.seed: must be >= 0; found -1"),
+        ("convert.seed=-1", "convert.seed: must be >= 0; found -1"),
+        ("data.synthetic.seed=-1", "data.synthetic.seed: must be >= 0; found -1"),
+        ("registry.seed=-1", "registry.seed: must be >= 0; found -1"),
+    ],
+)
+def test_numeric_params_out_of_range_are_refused_at_load_with_the_range(override, message):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_params(PARAMS_YAML, [override])
+
+
+def test_a_bad_loss_param_fails_before_training_opens_an_mlflow_run(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--params", str(PARAMS_YAML), "--set", "loss.wing.epsilon=0"]
+    with caplog.at_level(logging.ERROR):
+        assert cli.main([*args, "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    assert "loss.wing.epsilon: must be > 0; found 0.0" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # no run opened, no store, no outputs
+
+
 def test_an_unknown_key_in_the_file_is_an_error(tmp_path):
     data = _yaml(PARAMS_YAML)
     data["train"]["epoch"] = 5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class SyntheticParams:
     workers: int
 
     def validate(self, key: str) -> None:
+        _non_negative(self, key, "seed")
         _require(self.train_faces >= 1 and self.test_faces >= 1, f"{key}: need >= 1 face per split")
         _require(
             64 <= self.min_image_size <= self.max_image_size,
@@ -112,6 +114,7 @@ class ConvertParams:
         _require(1 <= self.jpeg_quality <= 100, f"{key}.jpeg_quality: must be in [1, 100]")
         _require(0.0 <= self.val_fraction < 1.0, f"{key}.val_fraction: must be in [0, 1)")
         _require(self.max_outside >= 0.0, f"{key}.max_outside: must be >= 0")
+        _non_negative(self, key, "seed")
         _require(self.workers >= 0, f"{key}.workers: must be >= 0 (0 = all cores)")
 
 
@@ -132,12 +135,18 @@ class WingParams:
     omega: float
     epsilon: float
 
+    def validate(self, key: str) -> None:
+        _positive(self, key, "omega", "epsilon")
+
 
 @dataclass(frozen=True)
 class SoftWingParams:
     omega1: float
     omega2: float
     epsilon: float
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "omega1", "omega2", "epsilon")
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,9 @@ class LossParams:
     wing: WingParams
     softwing: SoftWingParams
     smoothl1_beta: float
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "smoothl1_beta")
 
 
 @dataclass(frozen=True)
@@ -198,9 +210,14 @@ class TrainParams:
         _require(self.epochs >= 1, f"{key}.epochs: must be >= 1")
         _require(self.batch_size >= 1, f"{key}.batch_size: must be >= 1")
         _require(self.lr > 0, f"{key}.lr: must be > 0")
-        _require(self.warmup_iters >= 0, f"{key}.warmup_iters: must be >= 0")
+        _non_negative(self, key, "weight_decay", "warmup_iters", "seed")
         _require(0 < self.warmup_ratio <= 1, f"{key}.warmup_ratio: must be in (0, 1]")
-        _require(list(self.milestones) == sorted(self.milestones), f"{key}.milestones: must be increasing")
+        increasing = all(a < b for a, b in zip(self.milestones, self.milestones[1:], strict=False))
+        _require(
+            increasing and all(m >= 1 for m in self.milestones),
+            f"{key}.milestones: must be epochs >= 1, strictly increasing; found {list(self.milestones)}",
+        )
+        _require(0 < self.gamma <= 1, f"{key}.gamma: must be in (0, 1]; found {self.gamma}")
         _require(self.threads >= 0, f"{key}.threads: must be >= 0 (0 = torch's default)")
         _require(self.checkpoint_interval_s >= 0, f"{key}.checkpoint_interval_s: must be >= 0")
         _require(
@@ -258,6 +275,7 @@ class RegistryParams:
         _require(self.max_subset_regression >= 0, f"{key}.max_subset_regression: must be >= 0")
         _require(self.bootstrap_samples >= 100, f"{key}.bootstrap_samples: must be >= 100")
         _require(0.5 <= self.confidence < 1, f"{key}.confidence: must be in [0.5, 1)")
+        _non_negative(self, key, "seed")
 
 
 @dataclass(frozen=True)
@@ -309,6 +327,20 @@ def _require(condition: bool, message: str) -> None:
         raise ParamsError(message)
 
 
+def _positive(section: Any, key: str, *names: str) -> None:
+    """Each of `names` of `section` > 0, else a ParamsError naming the key and the value found."""
+    for name in names:
+        value = getattr(section, name)
+        _require(value > 0, f"{key}.{name}: must be > 0; found {value}")
+
+
+def _non_negative(section: Any, key: str, *names: str) -> None:
+    """Each of `names` of `section` >= 0, else a ParamsError naming the key and the value found."""
+    for name in names:
+        value = getattr(section, name)
+        _require(value >= 0, f"{key}.{name}: must be >= 0; found {value}")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against the type hint `hint`, building nested dataclasses."""
     origin = typing.get_origin(hint)
@@ -332,7 +364,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ParamsError(f"{key}: expected a list, found {value!r}")
         return tuple(_coerce(item, inner, f"{key}[{i}]") for i, item in enumerate(value))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ParamsError(f"{key}: must be a finite number; found {value}")
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
         raise ParamsError(f"{key}: expected {hint.__name__}, found {value!r}")

@@ -197,6 +197,28 @@ def test_missing_or_garbled_checkpoints_name_the_path(tmp_path):
         load_trained(wrong)
 
 
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"PNG? no, just text\n", "not a PyTorch file, or a damaged one (UnpicklingError)"),
+        (None, "it holds Python objects beyond tensors and plain containers, which are never unpickled"),
+    ],
+)
+def test_a_file_that_is_no_model_is_refused_in_one_line_without_the_unsafe_advice(tmp_path, content, reason):
+    path = tmp_path / "other.pt"
+    if content is None:
+        torch.save(torch.nn.Linear(2, 2), path)  # a whole module: loading it would run pickled code
+    else:
+        path.write_bytes(content)
+
+    with pytest.raises(CheckpointError) as refused:
+        load_trained(path)
+
+    message = str(refused.value)
+    assert message.startswith(f"{path}: cannot read a trained model: {reason}")
+    assert "\n" not in message and "weights_only" not in message
+
+
 def test_a_malformed_field_is_a_checkpoint_error(saved, tmp_path):
     state = torch.load(saved[0], weights_only=True)
     del state["normalize"]["std"]

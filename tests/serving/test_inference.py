@@ -108,7 +108,9 @@ def test_bad_batch_size_is_named(predictor):
 def test_corrupt_model_file_is_a_checkpoint_error(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot read a trained model \("):
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(path))}: cannot read a trained model: not a PyTorch"
+    ):
         LandmarkPredictor.load(path)
 
 

@@ -119,10 +119,17 @@ def _load_mapping(path: Path, what: str, error: type[ModelError]) -> Mapping:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a file that is not a checkpoint
-        raise error(f"{path}: cannot read {what} ({type(err).__name__}: {err})") from err
+        raise error(f"{path}: cannot read {what}: {_unreadable(err)}") from None
     if not isinstance(state, Mapping):
         raise error(f"{path}: holds a {type(state).__name__}, not {what}")
     return state
+
+
+def _unreadable(err: Exception) -> str:
+    """Why torch.load refused a file, in one line and without PyTorch's advice to load it unsafely."""
+    if "Unsupported global" in str(err):
+        return "it holds Python objects beyond tensors and plain containers, which are never unpickled"
+    return f"not a PyTorch file, or a damaged one ({type(err).__name__})"
 
 
 def _file_state_dict(path: Path) -> Mapping[str, Tensor]:

@@ -57,7 +57,8 @@ class StageFailed(RuntimeError):
 
 
 class OverrideError(ValueError):
-    """An override params.yaml cannot take: an unknown key or a value Hydra cannot parse."""
+    """Params the run cannot take: a params_file outside the checkout, an unknown key, a value Hydra cannot
+    parse."""
 
 
 def hydra_value(value: Any) -> str:
@@ -202,6 +203,15 @@ def default_remote(workspace: Path, env: dict[str, str]) -> str | None:
     return done.stdout.strip() or None
 
 
+def checkout_file(workspace: Path, name: str) -> Path:
+    """`name` as a file inside the checkout `workspace`, links resolved first; else OverrideError."""
+    root = workspace.resolve()
+    path = (root / name).resolve()
+    if not (path.is_file() and path.is_relative_to(root)):
+        raise OverrideError(f"params_file {name}: must be a file in the checkout {root}")
+    return path
+
+
 @task(task_run_name="params", cache_policy=NO_CACHE)
 def apply_params(workspace: Path, params_file: str | None, overrides: dict[str, Any]) -> None:
     """Copy `params_file` over params.yaml, then apply the overrides as `dvc exp run -S` does."""
@@ -210,7 +220,7 @@ def apply_params(workspace: Path, params_file: str | None, overrides: dict[str, 
 
     logger = get_run_logger()
     if params_file:
-        shutil.copyfile(workspace / params_file, workspace / "params.yaml")
+        shutil.copyfile(checkout_file(workspace, params_file), workspace / "params.yaml")
         logger.info("params.yaml <- %s", params_file)
     if overrides:
         try:

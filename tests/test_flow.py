@@ -149,6 +149,21 @@ def test_an_unknown_override_fails_before_any_stage_runs(tmp_path):
     assert stage_runs(project) == []
 
 
+@pytest.mark.parametrize("params_file", ["/etc/hostname", "../outside.yaml", "link.yaml", "missing.yaml"])
+def test_a_params_file_outside_the_checkout_or_missing_fails_before_any_stage_runs(tmp_path, params_file):
+    project = make_project(tmp_path / "p", DVC)
+    (tmp_path / "outside.yaml").write_text("stolen: true\n")
+    (project / "link.yaml").symlink_to(tmp_path / "outside.yaml")
+    before = (project / "params.yaml").read_text()
+
+    state = _run(project, params_file=params_file)
+
+    assert state.is_failed()
+    assert f"params_file {params_file}: must be a file in the checkout {project}" in state.message
+    assert (project / "params.yaml").read_text() == before
+    assert stage_runs(project) == []
+
+
 def test_the_parameters_carry_descriptions_for_the_ui():
     schema = train_wflw.train_wflw.parameters.model_dump()["properties"]
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import default_params, tiny_trained
+from md_tables import rows, tables
 from paths import ROOT
 
 from wflw_pipeline import cli, evaluate
@@ -61,20 +62,9 @@ def test_the_stage_writes_every_output_with_the_documented_keys(trained, tmp_pat
     assert ced_lines[-1].split(",")[0] == "10"
 
     results = (out / "results.md").read_text()
-    rows = _table_rows(results)
-    header = [
-        "Arch",
-        "Input Size",
-        "NME test",
-        "pose",
-        "illumination",
-        "occlusion",
-        "blur",
-        "makeup",
-        "expression",
-    ]
-    assert header in rows
-    assert rows[rows.index(header) + 1][:3] == [
+    models = tables(results)[0]
+    assert models[0][:3] == ["Arch", "Input Size", "NME test"]
+    assert models[1][:3] == [
         "DeepPose R18, Wing (this run)",
         "32x32",
         f"{saved['test']['nme']:.2f}",
@@ -111,19 +101,13 @@ def test_real_wflw_results_sit_beside_the_reference(trained, tmp_path, monkeypat
     monkeypatch.setattr(evaluate, "read_metadata", as_real)
     metrics = evaluate.run_evaluate(replace(EVAL, flip_test=False), model_path, parquet_dir, tmp_path)
     results = (tmp_path / "results.md").read_text()
-    rows = _table_rows(results)
+    cells = rows(results)
     reference = ["DeepPose R50, Wing (MMPose, the reference)", "256x256"]
     reference += ["4.64", "8.25", "4.59", "5.56", "5.26", "4.59", "5.07"]
-    assert reference in rows
-    diff = next(row for row in rows if row[0].startswith("difference"))
+    assert reference in cells
+    diff = next(row for row in cells if row[0].startswith("difference"))
     assert diff[2] == f"{metrics['test']['nme'] - 4.64:+.2f}"
     assert "Flip test: off" in results
-
-
-def _table_rows(markdown):
-    """The cells of every Markdown table row in `markdown`."""
-    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
-    return [[cell.strip() for cell in row] for row in rows if set("".join(row)) != {"-"}]
 
 
 def test_a_subset_count_other_than_the_test_lists_is_an_error(trained, tmp_path):
@@ -189,8 +173,11 @@ def test_an_empty_subset_gets_null_metrics_and_the_plots_still_draw(trained, tmp
     assert metrics["blur"] == {"nme": None, "fr": None, "auc": None, "n": 0}
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["blur"]["nme"] is None
     assert all(line.endswith(",") for line in (tmp_path / "e" / "ced.csv").read_text().splitlines()[1:])
-    rows = _table_rows((tmp_path / "e" / "results.md").read_text())
-    columns, nme = next(row for row in rows if row[0] == ""), next(row for row in rows if row[0] == "NME (%)")
+    cells = rows((tmp_path / "e" / "results.md").read_text())
+    columns, nme = (
+        next(row for row in cells if row[0] == ""),
+        next(row for row in cells if row[0] == "NME (%)"),
+    )
     assert nme[columns.index("blur")] == "–"
     assert (tmp_path / "e" / "nme_subsets.png").stat().st_size > 0
 

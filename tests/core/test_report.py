@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from md_tables import tables
 
 from wflw_pipeline.core import report
 from wflw_pipeline.data import wflw
@@ -48,24 +49,10 @@ def test_the_run_is_labelled_as_the_reference_table_names_models():
     assert [_context(s).real for s in ("wflw", "local", "synthetic", "unknown")] == [True, True, False, False]
 
 
-def _tables(text: str) -> list[list[list[str]]]:
-    """The Markdown tables of `text`, each as its rows of stripped cells (separator rows left out)."""
-    tables, current = [], []
-    for line in [*text.splitlines(), ""]:
-        if line.startswith("|"):
-            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-            if not all(set(cell) <= {"-"} for cell in cells):
-                current.append(cells)
-        elif current:
-            tables.append(current)
-            current = []
-    return tables
-
-
 def test_results_of_synthetic_data_are_shown_without_the_reference():
     text = report.results_markdown(_metrics(blur_nme=5.5), _context("synthetic"))
     assert text.splitlines()[0] == "# Evaluation of data/model/model.pt"
-    models, scores = _tables(text)
+    models, scores = tables(text)
     assert models == [  # no reference row, no difference row
         [
             "Arch",
@@ -94,7 +81,7 @@ def test_results_of_synthetic_data_are_shown_without_the_reference():
 
 def test_results_of_real_wflw_sit_beside_the_reference_with_the_difference():
     text = report.results_markdown(_metrics(blur_nme=None), _context("wflw"))
-    models, scores = _tables(text)
+    models, scores = tables(text)
     assert models[1:] == [
         ["DeepPose R50, Wing (this run)", "256x256", "5.00", "8.00", "4.50", "6.00", "–", "4.75", "5.25"],
         [

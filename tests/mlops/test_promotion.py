@@ -4,6 +4,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from md_tables import rows
 
 from wflw_pipeline.data.wflw import SUBSETS
 from wflw_pipeline.mlops import promotion
@@ -162,8 +163,7 @@ def test_other_archives_or_crop_are_refused_naming_them():
 
 def _row(text, metric):
     """The cells of the table row of `metric`."""
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()]
-    (row,) = [row for row in rows if row[0] == metric]
+    (row,) = [row for row in rows(text) if row[0] == metric]
     return row
 
 

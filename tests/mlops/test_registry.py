@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from helpers import tiny_parquet
+from md_tables import rows
 from pipeline_cli import register, wflw
 from tracked_pipeline import mlflow_client, pipeline_fixture, trained_fixture  # noqa: F401  (fixtures pipeline, trained)
 
@@ -61,8 +62,7 @@ def test_promotion_gate_force_and_rollback(pipeline, capsys):
     capsys.readouterr()
     assert wflw(pipeline, "models") == 0
     listing = capsys.readouterr().out
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in listing.splitlines()[3:7]]
-    assert [row[:2] for row in rows] == [
+    assert [row[:2] for row in rows(listing)[1:]] == [
         ["1", "-"],
         ["2", "champion"],
         ["3", "-"],

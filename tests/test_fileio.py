@@ -4,6 +4,7 @@ the old file or the new one, never half of one; a failed write leaves the old fi
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
@@ -75,3 +76,30 @@ def test_several_outputs_are_all_replaced_or_none(tmp_path):
         temps[b].write_text("new b")
     assert (a.read_text(), b.read_text()) == ("new a", "new b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_temporaries_left_by_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    """A writer killed mid-write (kill -9 during a checkpoint save) leaves its temporary; the next write of
+    the same file removes it. A temporary of a live process, or of another file, is left alone."""
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        path = tmp_path / "checkpoint.pt"
+        stale = [
+            tmp_path / f".checkpoint.pt.{finished.pid}.k2j4h1x0.tmp.pt",  # this version's name: pid inside
+            tmp_path / ".checkpoint.pt.q8w_3zr1.tmp.pt",  # an older version's name: no pid
+        ]
+        kept = [
+            tmp_path / f".checkpoint.pt.{alive.pid}.a1b2c3d4.tmp.pt",  # a writer still running
+            tmp_path / f".history.csv.{finished.pid}.a1b2c3d4.tmp.csv",  # another file's
+        ]
+        for leftover in [*stale, *kept]:
+            leftover.write_bytes(b"half a checkpoint")
+
+        write_text(path, "new")
+
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, *(p.name for p in kept)])
+    finally:
+        alive.kill()
+        alive.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -16,7 +17,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` (same suffix); it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    remove_stale_temporaries(path)
+    prefix = f".{path.name}.{os.getpid()}."
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=f".tmp{path.suffix}")
     os.close(fd)
     temp = Path(name)
     try:
@@ -25,6 +28,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries of `path` that writers killed mid-write left behind: those whose name holds
+    no pid, or the pid of a process that is gone (a running writer's is kept)."""
+    prefix, suffix = f".{path.name}.", f".tmp{path.suffix}"
+    for leftover in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        owner = leftover.name[len(prefix) : -len(suffix)].split(".")[0]
+        if not (owner.isdigit() and _running(int(owner))):
+            leftover.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager

@@ -2,6 +2,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import default_params, tiny_parquet
+from paths import PARAMS_YAML
 
-from wflw_pipeline import train
+from wflw_pipeline import cli, train
 from wflw_pipeline.core import runtime
 from wflw_pipeline.outputs import TrainOutputs
 from wflw_pipeline.params import Params
@@ -316,3 +318,21 @@ def test_training_with_compile_compiles_once_across_epochs_and_validation(tmp_pa
     assert metrics["epochs"] == 2 and metrics["val_nme"] is not None  # both epochs validated
     assert len(graphs) == 1 and (3, 3, 32, 32) in graphs[0]  # one graph, for the full batch of 3
     assert os.environ[runtime.COMPILE_CACHE_ENV] == str(tmp_path / "cache")
+
+
+def test_a_truncated_train_split_fails_in_one_line_before_any_output(tmp_path, parquet_dir, caplog):
+    broken = tmp_path / "parquet"
+    shutil.copytree(parquet_dir, broken)
+    split = broken / "train.parquet"
+    split.write_bytes(split.read_bytes()[:1000])
+    store = tmp_path / "mlflow.db"
+    args = ["train", "--parquet", str(broken), "--model-dir", str(tmp_path / "model")]
+    args += ["--train-dir", str(tmp_path / "train"), "--params", str(PARAMS_YAML)]
+
+    with caplog.at_level(logging.ERROR):
+        code = cli.main([*args, "--set", f"tracking.uri=sqlite:///{store}"])
+
+    assert code == 2
+    [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.startswith(f"{split}: not a readable Parquet file (") and "\n" not in error
+    assert not (tmp_path / "model").exists() and not (tmp_path / "train" / "checkpoint.pt").exists()

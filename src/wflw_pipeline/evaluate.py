@@ -36,7 +36,7 @@ from .core.metrics import auc, failure_rate, mean_shape_nme, nme_per_face
 from .core.model import TrainedModel, load_trained
 from .core.runtime import Precision, resolve_device, resolve_precision
 from .data import wflw
-from .data.contract import read_metadata
+from .data.contract import read_metadata, read_split
 from .data.dataset import FaceSet, batch_indices, load_faces
 from .errors import PipelineError
 from .fileio import atomic_paths
@@ -115,7 +115,7 @@ def check_subset_counts(flags: np.ndarray, summary_path: Path) -> None:
 
 
 def _image_landmarks(path: Path, face_id: np.ndarray) -> np.ndarray:
-    table = pq.read_table(path, columns=["face_id", "landmarks_image"])
+    table = read_split(path, columns=["face_id", "landmarks_image"])
     if not np.array_equal(table.column("face_id").to_numpy(), face_id):
         raise EvaluateError(f"{path}: face_id order changed while reading")
     values = table.column("landmarks_image").combine_chunks().flatten().to_numpy()

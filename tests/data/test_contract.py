@@ -68,3 +68,20 @@ def test_a_parquet_file_not_written_by_convert_is_a_contract_error(tmp_path):
         contract.read_metadata(path)
     with pytest.raises(contract.ContractError):
         contract.data_identity(path)
+
+
+def test_a_missing_or_truncated_split_is_one_line_naming_the_file_and_what_to_do(tmp_path):
+    path = tmp_path / "train.parquet"
+    with pytest.raises(contract.ContractError) as missing:
+        contract.read_split(path)
+    assert str(missing.value) == f"{path}: Parquet split not found (run `wflw convert` first)"
+
+    contract.write_parquet([contract_row(0, crop_jpeg((1, 2, 3), 8), _landmarks(0.0))], path, METADATA)
+    path.write_bytes(path.read_bytes()[:200])  # truncated, as a full disk or a killed copy leaves it
+    for read in (contract.read_split, contract.read_metadata):
+        with pytest.raises(contract.ContractError) as truncated:
+            read(path)
+        message = str(truncated.value)
+        assert message.startswith(f"{path}: not a readable Parquet file (")
+        assert message.endswith("): run `wflw convert` again (with DVC: `dvc repro -f convert`)")
+        assert "\n" not in message

@@ -9,6 +9,7 @@ from contract_rows import contract_row, crop_jpeg
 from helpers import tiny_parquet
 
 from wflw_pipeline.data import contract
+from wflw_pipeline.data.contract import ContractError
 from wflw_pipeline.data.dataset import DatasetError, batch_indices, load_faces, random_faces
 
 
@@ -55,7 +56,7 @@ def test_a_split_of_two_hand_made_faces_loads_field_by_field(tmp_path):
 
 
 def test_a_missing_split_or_a_crop_of_another_size_is_a_dataset_error(tmp_path):
-    with pytest.raises(DatasetError, match=r"missing.parquet: Parquet split not found \(run `wflw convert`"):
+    with pytest.raises(ContractError, match=r"missing.parquet: Parquet split not found \(run `wflw convert`"):
         load_faces(tmp_path / "missing.parquet")
     points = np.zeros((98, 2))
     path = _split(tmp_path / "test.parquet", 16, contract_row(0, crop_jpeg((0, 0, 0), 8), points))

@@ -7,8 +7,10 @@ import io
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from paths import PARAMS_YAML
 from PIL import Image
 
+from wflw_pipeline import cli
 from wflw_pipeline.data import preview, wflw
 
 CROP = 64
@@ -73,3 +75,14 @@ def test_preview_sampling_is_seeded(tmp_path):
     first, again, other = (np.asarray(Image.open(p)) for p in paths)
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
+
+
+def test_a_missing_split_is_one_line_and_exit_2(tmp_path, caplog):
+    missing = tmp_path / "nonexistent.parquet"
+
+    args = ["preview", "--parquet", str(missing), "--out", str(tmp_path / "p.png"), "--params", str(PARAMS_YAML)]
+    code = cli.main(args)
+
+    assert code == 2
+    assert f"{missing}: Parquet split not found (run `wflw convert` first)" in caplog.text
+    assert list(tmp_path.iterdir()) == []

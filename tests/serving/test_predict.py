@@ -297,6 +297,18 @@ def test_a_bad_bbox_or_model_is_an_error_before_any_image(model, params, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_that_is_a_file_is_an_error_before_any_image_and_the_file_is_kept(
+    model, params, tmp_path, caplog
+):
+    taken = tmp_path / "passwd"
+    taken.write_text("root:x:0:0\n")
+
+    assert predict(params, model, taken, str(HOPPER), "--bbox", "10,10,60,60") == 2
+
+    assert f"--out {taken}: is a file; name a folder (it is created if missing)" in caplog.text
+    assert taken.read_text() == "root:x:0:0\n"
+
+
 def test_read_image_names_what_is_wrong(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     with pytest.raises(ImageProblem, match=r"truncated or corrupt image|not an image"):

@@ -7,6 +7,8 @@ and nowhere else.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +51,31 @@ def write_parquet(rows: list[dict], path: Path, metadata: dict[str, Any], row_gr
     pq.write_table(table, path, row_group_size=row_group_size, compression="zstd")
 
 
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A split that is missing or not a readable Parquet file as one ContractError naming it."""
+    if not Path(path).is_file():
+        raise ContractError(f"{path}: Parquet split not found (run `wflw convert` first)")
+    try:
+        yield
+    except (pa.ArrowException, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ContractError(
+            f"{path}: not a readable Parquet file ({reason}): run `wflw convert` again "
+            "(with DVC: `dvc repro -f convert`)"
+        ) from None
+
+
+def read_split(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """The rows of a split file (`columns` only, when given)."""
+    with _reading(path):
+        return pq.read_table(path, columns=columns)
+
+
 def read_metadata(path: Path) -> dict[str, Any]:
     """The pipeline's file-level metadata of a Parquet file written by convert."""
-    meta = pq.read_schema(path).metadata or {}
+    with _reading(path):
+        meta = pq.read_schema(path).metadata or {}
     if METADATA_KEY not in meta:
         raise ContractError(f"{path}: no {METADATA_KEY.decode()} metadata: not written by `wflw convert`")
     return json.loads(meta[METADATA_KEY])

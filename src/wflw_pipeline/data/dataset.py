@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from . import wflw
-from .contract import read_metadata
+from .contract import read_metadata, read_split
 from ..errors import PipelineError
 
 
@@ -62,10 +62,8 @@ def _decode(jpeg: bytes) -> np.ndarray:
 def load_faces(path: Path, device: torch.device | str = "cpu", threads: int = 8) -> FaceSet:
     """Decode every crop of one Parquet split once and keep the tensors on `device`."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: Parquet split not found (run `wflw convert` first)")
     crop = read_metadata(path)["crop"]
-    table = pq.read_table(path)
+    table = read_split(path)
     size = int(crop["crop_size"])
     jpegs = table.column("crop_jpeg").to_pylist()
     images = np.empty((len(jpegs), size, size, 3), np.uint8)

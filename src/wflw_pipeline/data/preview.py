@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from . import wflw
+from .contract import read_split
 from ..fileio import atomic_path
 
 CELL = 128
@@ -79,7 +80,7 @@ def _cell(jpeg: bytes, landmarks: np.ndarray) -> Image.Image:
 def write_preview(parquet_path: Path, out_png: Path, per_row: int = 8, seed: int = 0) -> None:
     """Write a PNG grid of `per_row` random faces per subset (seeded), labelled with the subset's size."""
     parquet_path, out_png = Path(parquet_path), Path(out_png)
-    table = pq.read_table(parquet_path, columns=list(wflw.ATTRIBUTES))
+    table = read_split(parquet_path, columns=list(wflw.ATTRIBUTES))
     flags = {a: table.column(a).to_numpy().astype(bool) for a in wflw.ATTRIBUTES}
     rows = _subset_rows(flags)
     rng = np.random.default_rng(seed)

@@ -390,6 +390,8 @@ def run_predict(
     """`wflw predict`: every image of `paths` through the model of --model (default the champion), faces
     from the detector or the one --bbox; PredictFailed when any image failed."""
     config = params.predict
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"--out {out}: is a file; name a folder (it is created if missing)")
     box = parse_bbox(bbox) if bbox else None
     sources = find_images(paths)
     with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:

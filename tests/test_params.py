@@ -148,7 +148,7 @@ evaluate: {flip_test: false, batch_size: 6, device: cpu, precision: bf16, failur
            grid_faces: 3}
 tracking: {enabled: false, uri: "http://127.0.0.1:9", experiment: e, retries: 2, timeout_s: 4}
 registry: {model_name: m, max_subset_regression: 0.5, require_significant: false, bootstrap_samples: 200,
-           confidence: 0.9, seed: 3}
+           confidence: 0.9, seed: 3, lock_lease_s: 30}
 predict: {upsample: 0, detect_max_side: 640, min_score: 0.5, refine: 2, batch_size: 4, device: cpu,
           overlay_max_side: 512}
 """
@@ -174,6 +174,7 @@ predict: {upsample: 0, detect_max_side: 640, min_score: 0.5, refine: 2, batch_si
     )
     assert (params.registry.model_name, params.registry.require_significant) == ("m", False)
     assert (params.registry.bootstrap_samples, params.registry.confidence) == (200, 0.9)
+    assert params.registry.lock_lease_s == 30
     assert (params.predict.upsample, params.predict.detect_max_side, params.predict.refine) == (0, 640, 2)
     assert (params.predict.min_score, params.predict.batch_size, params.predict.device) == (0.5, 4, "cpu")
 
@@ -239,6 +240,7 @@ def test_bad_params_name_the_key(override, message):
         ("convert.seed=-1", "convert.seed: must be >= 0; found -1"),
         ("data.synthetic.seed=-1", "data.synthetic.seed: must be >= 0; found -1"),
         ("registry.seed=-1", "registry.seed: must be >= 0; found -1"),
+        ("registry.lock_lease_s=0", "registry.lock_lease_s: must be > 0; found 0"),
     ],
 )
 def test_numeric_params_out_of_range_are_refused_at_load_with_the_range(override, message):

@@ -269,6 +269,7 @@ class RegistryParams:
     bootstrap_samples: int
     confidence: float
     seed: int
+    lock_lease_s: float
 
     def validate(self, key: str) -> None:
         _require(self.model_name.strip() != "", f"{key}.model_name: must not be empty")
@@ -276,6 +277,7 @@ class RegistryParams:
         _require(self.bootstrap_samples >= 100, f"{key}.bootstrap_samples: must be >= 100")
         _require(0.5 <= self.confidence < 1, f"{key}.confidence: must be in [0.5, 1)")
         _non_negative(self, key, "seed")
+        _positive(self, key, "lock_lease_s")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from md_tables import rows
 from wflw_pipeline.data.wflw import SUBSETS
 from wflw_pipeline.mlops import promotion
 from wflw_pipeline.mlops.promotion import (
+    BASELINE,
     METRICS,
     GateRules,
     PromotionError,
@@ -35,15 +36,17 @@ CHAMPION_NME = np.tile([4.0, 5.0, 6.0, 5.0], 25)  # 100 faces, mean 5.0
 
 
 def _result(version, nme, metrics=None, data=DATA, face_id=None):
-    """A version whose every NME metric is the mean of `nme`, with FR 4 and AUC 0.55 unless overridden."""
+    """A version whose every NME metric is the mean of `nme`, with FR 4, AUC 0.55 and a mean-shape NME of 20
+    unless overridden."""
     nme = np.asarray(nme, np.float64)
     ids = np.arange(len(nme)) if face_id is None else np.asarray(face_id)
     base = {f"nme_{subset}": float(nme.mean()) for subset in SUBSETS} | {"fr_test": 4.0, "auc_test": 0.55}
+    base[BASELINE] = 20.0
     return VersionResult(version, base | (metrics or {}), data, ids.astype(np.int64), nme)
 
 
 def test_rules_come_from_the_registry_params():
-    params = RegistryParams("wflw", 0.2, False, 500, 0.9, 7)
+    params = RegistryParams("wflw", 0.2, False, 500, 0.9, 7, 60.0)
     assert GateRules.from_params(params) == GateRules(0.2, False, 500, 0.9, 7)
     assert SUBSETS == ("test", "pose", "expression", "illumination", "makeup", "occlusion", "blur")
     assert METRICS[0] == "nme_test" and METRICS[-2:] == ("fr_test", "auc_test") and len(METRICS) == 9
@@ -98,16 +101,41 @@ def test_other_faces_or_repeated_ids_raise():
         paired_faces(repeated, champion)
 
 
-def test_no_champion_accepts():
+def test_with_no_champion_a_candidate_better_than_the_mean_shape_is_accepted():
     decision = decide(_result("1", CHAMPION_NME), None, RULES)
-    assert decision.accepted and decision.reasons == ["no champion yet"] and decision.interval is None
+    assert decision.accepted and decision.interval is None
+    assert decision.reasons == ["no champion yet; test NME 5.000 < mean shape 20.000"]
+
+
+def test_a_candidate_not_better_than_the_mean_shape_is_refused_with_or_without_a_champion():
+    tie = _result("1", CHAMPION_NME, {BASELINE: 5.0})
+    first = decide(tie, None, RULES)
+    assert not first.accepted
+    assert first.reasons == [
+        "test NME 5.000 is not lower than always predicting the mean training shape (5.000)"
+    ]
+    forced_champion = _result("1", CHAMPION_NME + 20)
+    later = decide(_result("2", CHAMPION_NME, {BASELINE: 4.5}), forced_champion, RULES)
+    assert not later.accepted
+    assert later.reasons == [
+        "test NME 5.000 is not lower than always predicting the mean training shape (4.500)"
+    ]
+
+
+def test_a_candidate_without_a_recorded_baseline_is_refused():
+    decision = decide(_result("1", CHAMPION_NME, {BASELINE: None}), None, RULES)
+    assert not decision.accepted
+    assert decision.reasons == [
+        "no mean-shape baseline to compare with (test NME 5.000, mean shape —): register the version again"
+    ]
 
 
 def test_a_candidate_one_point_better_on_every_face_is_promoted():
     decision = decide(_result("2", CHAMPION_NME - 1), _result("1", CHAMPION_NME), RULES)
     assert decision.accepted
     assert decision.reasons == [
-        "test NME 4.000 < 5.000; no subset worse by more than 0.100; 95 % interval [-1.000, -1.000] < 0"
+        "test NME 4.000 < mean shape 20.000; test NME 4.000 < 5.000; "
+        "no subset worse by more than 0.100; 95 % interval [-1.000, -1.000] < 0"
     ]
     assert decision.interval.mean == -1.0 and decision.interval.faces == 100
 
@@ -139,7 +167,7 @@ def test_an_improvement_that_is_not_significant_needs_require_significant_off():
     assert len(strict.reasons) == 1 and strict.reasons[0].startswith("not significant: 95 % interval")
     lenient = decide(noisy, champion, GateRules(0.1, False, 2000, 0.95, 0))
     assert lenient.accepted and lenient.reasons == [
-        "test NME 4.975 < 5.000; no subset worse by more than 0.100"
+        "test NME 4.975 < mean shape 20.000; test NME 4.975 < 5.000; no subset worse by more than 0.100"
     ]
 
 
@@ -180,7 +208,8 @@ def test_format_comparison_shows_every_metric_both_versions_and_the_verdict():
     assert "paired bootstrap over 100 faces, 2000 samples: mean difference -1.000, 95 % interval" in text
     assert text.splitlines()[-2:] == [
         "PROMOTE",
-        "  test NME 4.000 < 5.000; no subset worse by more than 0.100; 95 % interval [-1.000, -1.000] < 0",
+        "  test NME 4.000 < mean shape 20.000; test NME 4.000 < 5.000; "
+        "no subset worse by more than 0.100; 95 % interval [-1.000, -1.000] < 0",
     ]
 
 
@@ -188,7 +217,10 @@ def test_format_comparison_without_a_champion():
     text = format_comparison(decide(_result("1", CHAMPION_NME, {"auc_test": None}), None, RULES))
     assert "champion" not in text.splitlines()[0] and "candidate v1" in text
     assert _row(text, "nme_test") == ["nme_test", "5.000"] and _row(text, "auc_test") == ["auc_test", "—"]
-    assert "paired bootstrap" not in text and text.splitlines()[-2:] == ["PROMOTE", "  no champion yet"]
+    assert "paired bootstrap" not in text and text.splitlines()[-2:] == [
+        "PROMOTE",
+        "  no champion yet; test NME 5.000 < mean shape 20.000",
+    ]
 
 
 def _moves(*steps):

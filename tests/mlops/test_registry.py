@@ -16,7 +16,8 @@ from tracked_pipeline import mlflow_client, pipeline_fixture, trained_fixture  #
 
 
 def _variant(root: Path, name: str, delta: float) -> str:
-    """A copy of eval/ whose per-face NME (and the NMEs in metrics.json) are shifted by `delta` points."""
+    """A copy of eval/ whose per-face NME (and the NMEs in metrics.json) are shifted by `delta` points, with a
+    mean-shape NME of 100 (the hand-made faces share one shape, so their own mean shape is exact: NME 0)."""
     out = root / name
     shutil.copytree(root / "eval", out)
     table = pq.read_table(out / "per_face.parquet")
@@ -28,12 +29,28 @@ def _variant(root: Path, name: str, delta: float) -> str:
     for split in metrics.values():
         if isinstance(split, dict) and split.get("nme") is not None and "n" in split:
             split["nme"] += delta
+    metrics["mean_shape"] = {"nme": 100.0}
     (out / "metrics.json").write_text(json.dumps(metrics))
     return name
 
 
-def test_promotion_gate_force_and_rollback(pipeline, capsys):
+def test_a_first_candidate_no_better_than_the_mean_shape_is_refused_unless_forced(pipeline, capsys, caplog):
     assert register(pipeline) == 0
+    assert wflw(pipeline, "promote") == 1
+    out = capsys.readouterr().out
+    assert (
+        "REFUSE\n  test NME " in out
+        and "not lower than always predicting the mean training shape (0.000)" in out
+    )
+    client = mlflow_client(pipeline)
+    assert "champion" not in client.get_registered_model("m").aliases
+    assert wflw(pipeline, "promote", "--force", "--reason", "a demo needs one") == 0
+    assert "champion -> version 1 (force)" in capsys.readouterr().out
+    assert client.get_model_version("m", "1").tags["wflw.promotion_reason"] == "a demo needs one"
+
+
+def test_promotion_gate_force_and_rollback(pipeline, capsys):
+    assert register(pipeline, _variant(pipeline, "first", 0.0)) == 0
     assert wflw(pipeline, "promote") == 0
     assert "champion -> version 1 (first)" in capsys.readouterr().out
     assert register(pipeline, _variant(pipeline, "better", -1.0)) == 0

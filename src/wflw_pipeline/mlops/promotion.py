@@ -1,9 +1,10 @@
 """The decision of `wflw promote`: whether a candidate model version may take the alias `champion`.
 
 Pure logic, no MLflow: the caller fetches each version's metrics, data identity and per-face NME, and
-stores the champion history. A candidate wins only on the same test faces (same archives, same crop):
-lower test NME, no attribute subset worse by more than the allowed points and, when required, a paired
-bootstrap interval of the per-face NME difference (candidate - champion) entirely below zero.
+stores the champion history. A candidate must beat always predicting the mean training shape on its test
+faces, and then the champion on the same test faces (same archives, same crop): lower test NME, no
+attribute subset worse by more than the allowed points and, when required, a paired bootstrap interval of
+the per-face NME difference (candidate - champion) entirely below zero.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ..params import RegistryParams
 from ..tables import format_table
 
 METRICS = (*(f"nme_{subset}" for subset in wflw.SUBSETS), "fr_test", "auc_test")
+BASELINE = "nme_mean_shape"
+"""The test NME of always predicting the mean training shape (evaluate's metrics.json `mean_shape`)."""
 MOVE_KINDS = ("first", "promote", "force", "rollback")
 _DECIMALS = {"fr_test": 2, "auc_test": 4}  # every NME: 3
 _CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once by the bootstrap (32 MiB of int64)
@@ -154,8 +157,10 @@ def paired_bootstrap(diff: np.ndarray, samples: int, confidence: float, seed: in
 
 def decide(candidate: VersionResult, champion: VersionResult | None, rules: GateRules) -> Decision:
     """Accept the candidate only when every rule holds; the reasons list each failing rule, or why it won."""
+    baseline = _baseline_check(candidate.metrics)
     if champion is None:
-        return Decision(True, ["no champion yet"], candidate, None, None)
+        failed, passed = baseline
+        return Decision(not failed, failed or [f"no champion yet; {passed}"], candidate, None, None)
     mismatch = data_mismatch(candidate.data, champion.data)
     if mismatch:
         reasons = [f"evaluated on other test data: {line}" for line in mismatch]
@@ -163,6 +168,7 @@ def decide(candidate: VersionResult, champion: VersionResult | None, rules: Gate
     ours, theirs = paired_faces(candidate, champion)
     interval = paired_bootstrap(ours - theirs, rules.bootstrap_samples, rules.confidence, rules.seed)
     checks = [
+        baseline,
         _test_check(candidate.metrics, champion.metrics),
         _subset_check(candidate.metrics, champion.metrics, rules.max_subset_regression),
     ]
@@ -183,6 +189,19 @@ def _test_check(candidate: dict, champion: dict) -> tuple[list[str], str]:
     if new < old:
         return [], f"test NME {new:.3f} < {old:.3f}"
     return [f"test NME {new:.3f} is not lower than the champion's {old:.3f}"], ""
+
+
+def _baseline_check(candidate: dict) -> tuple[list[str], str]:
+    """The candidate's test NME must be lower than the mean shape's on the same faces."""
+    new, base = candidate.get("nme_test"), candidate.get(BASELINE)
+    if new is None or base is None:
+        shown = f"test NME {_cell('nme_test', new)}, mean shape {_cell(BASELINE, base)}"
+        return [f"no mean-shape baseline to compare with ({shown}): register the version again"], ""
+    if new < base:
+        return [], f"test NME {new:.3f} < mean shape {base:.3f}"
+    return [
+        f"test NME {new:.3f} is not lower than always predicting the mean training shape ({base:.3f})"
+    ], ""
 
 
 def _subset_check(candidate: dict, champion: dict, limit: float) -> tuple[list[str], str]:

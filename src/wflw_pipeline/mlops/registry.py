@@ -22,6 +22,7 @@ from ..params import Params
 from ..tables import format_table
 from . import promotion, provenance
 from .client import Tracking, connect, fluent
+from .lock import Lease, champion_lock
 from .promotion import Decision, GateRules, PromotionError, VersionResult
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ def version_result(tracking: Tracking, name: str, version: str) -> VersionResult
     except Exception as err:  # MlflowException: no such version
         raise PromotionError(f"{name} has no version {version}") from err
     tags = found.tags
-    metrics = {key: float(tags[key]) if key in tags else None for key in promotion.METRICS}
+    metrics = {
+        key: float(tags[key]) if key in tags else None for key in (*promotion.METRICS, promotion.BASELINE)
+    }
     data = json.loads(tags.get("data.identity", "{}"))
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -134,7 +137,8 @@ def version_result(tracking: Tracking, name: str, version: str) -> VersionResult
 def promote(params: Params, version: str | None, *, force: bool, reason: str | None) -> str:
     """Gate `version` (default: the challenger) against the champion; move `champion` if it passes.
 
-    Returns the comparison text. Raises PromotionRefused when the gate says no and `force` is off.
+    Returns the comparison text. Raises PromotionRefused when the gate says no and `force` is off. The
+    champion is read, compared and moved under the champion lock, so a concurrent move is seen.
     """
     if force and not reason:
         raise PromotionError("--force needs --reason TEXT: the reason is recorded on the model versions")
@@ -144,16 +148,19 @@ def promote(params: Params, version: str | None, *, force: bool, reason: str | N
     candidate = version or _alias(tracking, name, CHALLENGER)
     if candidate is None:
         raise PromotionError(f"{name} has no alias {CHALLENGER!r}: pass --version N")
-    champion = _alias(tracking, name, CHAMPION)
-    if champion == str(candidate):
-        return f"{name} version {candidate} is already the champion"
-    decision = _decide(tracking, name, str(candidate), champion, params, force=force)
-    text = promotion.format_comparison(decision) if decision else ""
-    if decision is not None and not decision.accepted and not force:
-        raise PromotionRefused(f"{name} version {candidate} not promoted: {decision.reasons[0]}", text)
-    kind = "first" if champion is None else ("promote" if decision and decision.accepted else "force")
-    why = reason if kind == "force" else "; ".join(decision.reasons if decision else [])
-    _move(tracking, name, kind, champion, str(candidate), why or kind)
+    with champion_lock(tracking, name, params.registry.lock_lease_s) as lease:
+        champion = _alias(tracking, name, CHAMPION)
+        if champion == str(candidate):
+            return f"{name} version {candidate} is already the champion"
+        decision = _decide(tracking, name, str(candidate), champion, params, force=force)
+        text = promotion.format_comparison(decision) if decision else ""
+        if decision is not None and not decision.accepted and not force:
+            raise PromotionRefused(f"{name} version {candidate} not promoted: {decision.reasons[0]}", text)
+        if decision is not None and decision.accepted:
+            kind, why = ("first" if champion is None else "promote"), "; ".join(decision.reasons)
+        else:
+            kind, why = "force", str(reason)
+        _move(tracking, lease, name, kind, champion, str(candidate), why)
     return f"{text}\n{name}: champion -> version {candidate} ({kind})".lstrip()
 
 
@@ -177,19 +184,27 @@ def rollback(params: Params, reason: str | None) -> str:
     """Move `champion` back to the champion before the current one."""
     tracking = connect(params.tracking)
     name = params.registry.model_name
-    target = promotion.rollback_target(moves(tracking, name))
-    current = _alias(tracking, name, CHAMPION)
-    _move(tracking, name, "rollback", current, target, reason or "rollback")
+    with champion_lock(tracking, name, params.registry.lock_lease_s) as lease:
+        target = promotion.rollback_target(moves(tracking, name))
+        current = _alias(tracking, name, CHAMPION)
+        _move(tracking, lease, name, "rollback", current, target, reason or "rollback")
     return f"{name}: champion -> version {target} (rolled back from version {current})"
 
 
 def _move(
-    tracking: Tracking, name: str, kind: str, from_version: str | None, to_version: str, reason: str
+    tracking: Tracking,
+    lease: Lease,
+    name: str,
+    kind: str,
+    from_version: str | None,
+    to_version: str,
+    reason: str,
 ) -> None:
     """Point `champion` at `to_version` and record the move on the model and both versions."""
     client = tracking.client
     history = moves(tracking, name)
     move = promotion.new_move(len(history) + 1, kind, from_version, to_version, reason)
+    lease.check()
     tracking.call("set the alias", client.set_registered_model_alias, name, CHAMPION, to_version)
     tracking.call(
         "record the move",

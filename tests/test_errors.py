@@ -3,9 +3,12 @@ Prefect flow reads ($WFLW_ERROR_FILE), and the one-line error where MLflow is no
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
+import pytest
 from paths import ROOT
 
 from wflw_pipeline.errors import (
@@ -13,11 +16,14 @@ from wflw_pipeline.errors import (
     EXIT_REFUSED,
     EXIT_TEMPFAIL,
     EXIT_USER_ERROR,
+    Interrupted,
     PipelineError,
     TransientError,
     exit_code,
+    interrupted_exit_code,
     read_error_file,
     require_mlflow,
+    signals_interrupt,
     write_error_file,
 )
 
@@ -79,3 +85,12 @@ def test_require_mlflow_passes_where_mlflow_is_installed_and_says_what_to_do_whe
         "tracking.enabled is true but MLflow is not installed: install it, or run with "
         "--set tracking.enabled=false (e.g. on a bare GPU box)\n"
     )
+
+
+def test_sigterm_within_the_block_is_an_interrupt_exiting_143_and_the_old_handler_comes_back():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as raised, signals_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert isinstance(raised.value, KeyboardInterrupt) and raised.value.signum == signal.SIGTERM
+    assert interrupted_exit_code(raised.value) == 143 and interrupted_exit_code(KeyboardInterrupt()) == 130
+    assert signal.getsignal(signal.SIGTERM) is before

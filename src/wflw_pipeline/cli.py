@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import PipelineError, exit_code, write_error_file
+from .errors import PipelineError, exit_code, interrupted_exit_code, signals_interrupt, write_error_file
 from .outputs import (
     EVAL,
     MODEL,
@@ -295,12 +295,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run: Callable[[Params, argparse.Namespace], None] = args.run
     try:
-        params = load_params(args.params, args.overrides)
-        run(params, args)
+        with signals_interrupt():
+            params = load_params(args.params, args.overrides)
+            run(params, args)
     except PipelineError as err:
         logger.error("%s", err)
         write_error_file(str(err), exit_code(err))
         return exit_code(err)
+    except KeyboardInterrupt as err:
+        message = f"wflw {args.command}: interrupted by {err.args[0] if err.args else 'SIGINT'}"
+        logger.error("%s", message)
+        write_error_file(message, interrupted_exit_code(err))
+        return interrupted_exit_code(err)
     return 0
 
 

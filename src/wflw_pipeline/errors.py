@@ -5,6 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 EXIT_REFUSED = 1
@@ -13,6 +17,8 @@ EXIT_USER_ERROR = 2
 """Bad input, params or environment (PipelineError)."""
 EXIT_TEMPFAIL = 75
 """sysexits.h's EX_TEMPFAIL: a failure that may pass when retried later, which the Prefect flow retries."""
+EXIT_SIGNAL_BASE = 128
+"""A command stopped by signal N exits 128 + N, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM."""
 ERROR_FILE_ENV = "WFLW_ERROR_FILE"
 """The environment variable naming the file where a failed `wflw` command writes its error (see
 `write_error_file`): the flow sets it for each stage, and reads the stage's error from it."""
@@ -26,6 +32,39 @@ class TransientError(PipelineError):
     """A failure that may pass when retried later (a network outage): exit code EXIT_TEMPFAIL."""
 
     exit_code = EXIT_TEMPFAIL
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (Ctrl-C, `kill`, a cancelled Prefect flow run) arrived: the command stops cleanly."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises Interrupted as Ctrl-C does, so that `finally` blocks and the code
+    that closes an MLflow run run on either; the previous handler is restored after. (Only the main
+    thread may set handlers: elsewhere the block runs as it is.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def interrupted_exit_code(err: KeyboardInterrupt) -> int:
+    """128 + the signal that interrupted the command (SIGINT when it was a plain KeyboardInterrupt)."""
+    return EXIT_SIGNAL_BASE + getattr(err, "signum", signal.SIGINT)
 
 
 def require_mlflow() -> None:

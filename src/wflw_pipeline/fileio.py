@@ -36,11 +36,12 @@ def remove_stale_temporaries(path: Path) -> None:
     prefix, suffix = f".{path.name}.", f".tmp{path.suffix}"
     for leftover in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
         owner = leftover.name[len(prefix) : -len(suffix)].split(".")[0]
-        if not (owner.isdigit() and _running(int(owner))):
+        if not (owner.isdigit() and process_running(int(owner))):
             leftover.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

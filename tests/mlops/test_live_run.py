@@ -1,20 +1,31 @@
 """train's live MLflow run (mlops/live_run.py): with the tracking server down training finishes untracked
 with a warning, register then fails in one line naming the server, and rebuilds the run once it is back;
 an epoch's curves as metrics; the history and train's summary logged at the end, the epochs already logged
-live skipped."""
+live skipped; a training stopped by SIGTERM closes its run as KILLED, and one killed outright has its run
+closed by the next training of the same workspace."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
+import yaml
 from helpers import PARAMS_YAML, tiny_parquet
-from pipeline_cli import evaluate, params_file, register, registered, train
+from pipeline_cli import evaluate, params_file, register, registered, train, wflw
 from servers import free_port
 from tracked_pipeline import mlflow_client, runs
 
 from wflw_pipeline.mlops.client import connect, experiment_id
-from wflw_pipeline.mlops.live_run import CURVES, epoch_metrics, log_training
+from wflw_pipeline.mlops.live_run import CURVES, close_abandoned, epoch_metrics, log_training
+from wflw_pipeline.mlops.provenance import PROCESS_TAGS
 from wflw_pipeline.params import load_params
 
 
@@ -92,3 +103,62 @@ def test_log_training_logs_the_epochs_not_logged_live_the_summary_and_both_files
         "training/history.csv",
         "training/metrics.json",
     ]
+
+
+def _training(root: Path) -> tuple[subprocess.Popen, str, Path]:
+    """A `wflw train` process of 200 epochs, its run id and its log, once its first epoch is logged."""
+    tiny_parquet(root, test=8)
+    params = yaml.safe_load(params_file(root).read_text())
+    params["train"]["epochs"] = 200
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    log = root / "train.log"
+    command = [str(Path(sys.executable).with_name("wflw")), "train", "--params", "params.yaml",
+               "--parquet", "parquet", "--model-dir", "model", "--train-dir", "train"]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(command, cwd=root, stdout=out, stderr=out)
+    ref, client = root / "train" / "mlflow_run.json", mlflow_client(root)
+    while not (
+        ref.is_file() and client.get_metric_history(json.loads(ref.read_text())["run_id"], "train_loss")
+    ):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    return proc, json.loads(ref.read_text())["run_id"], log
+
+
+@pytest.mark.slow
+def test_a_training_stopped_by_sigterm_closes_its_run_as_killed_in_one_line(tmp_path):
+    proc, run_id, log = _training(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 143
+    assert mlflow_client(tmp_path).get_run(run_id).info.status == "KILLED"
+    assert log.read_text().endswith(" ERROR wflw_pipeline: wflw train: interrupted by SIGTERM\n")
+    assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_the_run_of_a_training_killed_outright_is_closed_by_the_next_one(tmp_path, monkeypatch):
+    proc, killed, _ = _training(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert mlflow_client(tmp_path).get_run(killed).info.status == "RUNNING"
+    (tmp_path / "train" / "mlflow_run.json").unlink()  # what `dvc repro` does before it runs train again
+    monkeypatch.chdir(tmp_path)
+    args = ("--parquet", "parquet", "--model-dir", "model", "--train-dir", "train", "--set", "train.epochs=1")
+    assert wflw(tmp_path, "train", *args) == 0
+    statuses = {run.info.run_id: run.info.status for run in runs(tmp_path)}
+    assert statuses.pop(killed) == "KILLED" and list(statuses.values()) == ["FINISHED"]
+
+
+def test_a_running_run_of_a_live_process_or_of_another_workspace_is_left_running(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = load_params(params_file(tmp_path), [])
+    tracking = connect(params.tracking)
+    experiment = experiment_id(tracking, "tests")
+    tags = dict(zip(PROCESS_TAGS, (socket.gethostname(), str(os.getpid()), str(tmp_path)), strict=True))
+    alive = tracking.client.create_run(experiment, tags=tags).info.run_id
+    elsewhere = tracking.client.create_run(experiment, tags={**tags, "wflw.pid": "999999999"})
+    tracking.client.set_tag(elsewhere.info.run_id, "wflw.checkout", "/another/workspace")
+    dead = tracking.client.create_run(experiment, tags={**tags, "wflw.pid": "999999999"}).info.run_id
+    close_abandoned(tracking, experiment)
+    status = {run.info.run_id: run.info.status for run in runs(tmp_path)}
+    assert status == {alive: "RUNNING", elsewhere.info.run_id: "RUNNING", dead: "KILLED"}

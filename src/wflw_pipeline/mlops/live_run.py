@@ -4,7 +4,9 @@ train opens the run before the first epoch (params, tags, the data as a dataset 
 `mlflow_run.json` (outputs.RUN_REF, a DVC output of train) and logs each epoch's history row as it ends
 (step = epoch). Nothing here may stop training: a call that still fails after `tracking.retries` tries is
 warned about and later epochs are not logged live; history.csv, which train writes anyway, is logged at the
-end instead, or by register when the server is back.
+end instead, or by register when the server is back. A training stopped by Ctrl-C or SIGTERM closes its
+run as KILLED; the run of one killed outright (SIGKILL, a lost machine) is closed by the next run opened
+from the same workspace on the same machine, which finds it by its process tags (provenance.PROCESS_TAGS).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, RunStatus
+from mlflow.entities import DatasetInput, InputTag, Metric
 
 from .. import fileio
 from ..core.runtime import Distributed, device_facts, resolve_device
@@ -58,6 +60,7 @@ def run_tags(identity: dict[str, Any], source: str, ran_on: dict[str, Any]) -> d
         "mlflow.source.name": source,
         **provenance.git_tags(provenance.project_root()),
         **provenance.caller_tags(),
+        **provenance.process_tags(),
         **provenance.data_tags(identity),
         **{tag: str(ran_on[key]) for key, tag in RAN_ON_TAGS.items() if key in ran_on},
     }
@@ -89,6 +92,7 @@ def start_run(
     """A new run opened by the command `source`, with every param, the start tags and the dataset input."""
     identity = data_identity(train_split)
     experiment = experiment_id(tracking, params.tracking.experiment)
+    close_abandoned(tracking, experiment)
     run = tracking.call(
         "create a run",
         tracking.client.create_run,
@@ -148,7 +152,6 @@ class TrainTracker:
         """Open the run (or warn and go on without one) and write its id to `ref`."""
         try:
             tracking = connect(params.tracking)
-            _supersede(tracking, ref)
             ran_on = device_facts(resolve_device(params.train.device))
             run_id = start_run(tracking, params, parquet_dir / "train.parquet", "wflw train", ran_on)
         except TrackingError as err:
@@ -197,21 +200,23 @@ class TrainTracker:
             logger.warning("%s: `wflw register` will complete the run", err)
 
 
-def _supersede(tracking: Tracking, ref: Path) -> None:
-    """A run left RUNNING by a killed training (same ref file) is marked KILLED."""
-    try:
-        previous = json.loads(ref.read_text()).get("run_id")
-    except (OSError, ValueError, AttributeError):
-        return
-    if not previous:
-        return
-    try:
-        run = tracking.client.get_run(previous)
-    except Exception:  # another server, a wiped database: nothing to close
-        return
-    if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
-        tracking.call("close the interrupted run", tracking.client.set_terminated, previous, "KILLED")
-        logger.info("MLflow: run %s of an interrupted training marked KILLED", previous)
+def close_abandoned(tracking: Tracking, experiment: str) -> None:
+    """Mark KILLED the RUNNING runs of `experiment` that a process of this workspace on this machine opened
+    and that is gone (killed before it could close its run)."""
+    host, _, checkout = provenance.process_tags().values()
+    running = tracking.call(
+        "look for interrupted runs",
+        tracking.client.search_runs,
+        [experiment],
+        f"attributes.status = 'RUNNING' and tags.`wflw.host` = '{host}'",
+    )
+    for run in running:
+        tags = run.data.tags
+        pid = tags.get("wflw.pid", "")
+        if tags.get("wflw.checkout") != checkout or not pid.isdigit() or fileio.process_running(int(pid)):
+            continue
+        tracking.call("close the interrupted run", tracking.client.set_terminated, run.info.run_id, "KILLED")
+        logger.info("MLflow: run %s of a killed process (pid %s) marked KILLED", run.info.run_id, pid)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
@@ -89,6 +90,15 @@ def dvc_stage_tags(lock_path: Path) -> dict[str, str]:
         f"dvc.stage.{name}": hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
         for name, entry in stages.items()
     }
+
+
+PROCESS_TAGS = ("wflw.host", "wflw.pid", "wflw.checkout")
+"""The process that opened a run: the machine, its pid and the workspace root."""
+
+
+def process_tags() -> dict[str, str]:
+    """PROCESS_TAGS of this process: what tells a run whose process was killed from one still running."""
+    return dict(zip(PROCESS_TAGS, (socket.gethostname(), str(os.getpid()), str(project_root())), strict=True))
 
 
 def caller_tags(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

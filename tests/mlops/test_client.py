@@ -1,14 +1,18 @@
 """The MLflow client every command uses (mlops/client.py): the tracking URI, the experiment and its artifact
-location, calls retried with a backoff then failing in one line, batches within MLflow's limits."""
+location, calls retried with a backoff then failing in one line, batches within MLflow's limits, and a damaged
+or empty SQLite store refused in one line."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import mlflow
 import pytest
 from helpers import PARAMS_YAML
 from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from pipeline_cli import params_file, wflw
 
 from wflw_pipeline import retry
 from wflw_pipeline.errors import EXIT_USER_ERROR, exit_code
@@ -182,3 +186,40 @@ def test_fluent_points_mlflow_at_the_uri_and_restores_the_process_uris_after(tmp
         assert mlflow.get_tracking_uri() == "http://127.0.0.1:5000"
     finally:
         mlflow.set_tracking_uri(None)  # MLflow's process-wide URI back to its default for the tests after
+
+
+@pytest.fixture
+def store_params(tmp_path, monkeypatch):
+    """params.yaml tracking into tmp_path/mlflow.db, which holds an experiment and a registered model."""
+    monkeypatch.chdir(tmp_path)
+    params_file(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri, uri)
+    client.create_experiment("tests")
+    client.create_registered_model("m")
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", [("models",), ("promote", "--version", "1"), ("rollback",)])
+def test_a_damaged_sqlite_store_is_one_line_naming_the_file(store_params, command, caplog):
+    database = store_params / "mlflow.db"
+    os.truncate(database, 40000)
+    assert wflw(store_params, *command) == EXIT_USER_ERROR
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error == (
+        f"{database} is not a readable MLflow store (SQLite: database disk image is malformed): "
+        "restore it from a backup, or point tracking.uri elsewhere"
+    )
+
+
+@pytest.mark.parametrize("command", [("models",), ("promote", "--version", "1"), ("rollback",)])
+def test_an_empty_sqlite_store_is_refused_and_left_empty(store_params, command, caplog):
+    database = store_params / "mlflow.db"
+    database.write_bytes(b"")
+    assert wflw(store_params, *command) == EXIT_USER_ERROR
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error == (
+        f"{database} is empty (0 bytes), not an MLflow store: restore it from a backup, or delete it to "
+        "start a new store"
+    )
+    assert database.stat().st_size == 0

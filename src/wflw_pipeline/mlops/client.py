@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,10 +54,8 @@ def tracking_uri(config: TrackingParams) -> str:
 
 def default_artifact_location(uri: str) -> str | None:
     """mlartifacts/ beside a SQLite database; None lets a tracking server choose (its proxied storage)."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri == f"{prefix}:memory:":
-        return None
-    return (Path(uri.removeprefix(prefix)).parent / "mlartifacts").as_uri()
+    database = sqlite_file(uri)
+    return None if database is None else (database.parent / "mlartifacts").as_uri()
 
 
 def _short(err: BaseException) -> str:
@@ -77,6 +77,8 @@ class Tracking:
         try:
             return with_backoff(lambda: fn(*args, **kwargs), self.retries, RETRY_DELAY_S)
         except Exception as err:  # MLflow raises many types for a server that is down or refuses
+            if damage := store_damage(self.uri):
+                raise TrackingError(damage) from err
             raise TrackingError(
                 f"MLflow at {self.uri}: could not {what} after {self.retries} tries ({_short(err)})"
             ) from err
@@ -121,7 +123,44 @@ def connect(config: TrackingParams) -> Tracking:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(math.ceil(config.timeout_s)))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri(config)
-    return Tracking(MlflowClient(tracking_uri=uri, registry_uri=uri), uri, config.retries)
+    database = sqlite_file(uri)
+    if database is not None and database.is_file() and database.stat().st_size == 0:
+        raise TrackingError(
+            f"{database} is empty (0 bytes), not an MLflow store: restore it from a backup, or delete it "
+            "to start a new store"
+        )
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except Exception as err:  # SQLAlchemy's DatabaseError for a damaged SQLite file, and others
+        raise TrackingError(store_damage(uri) or f"cannot open MLflow at {uri} ({_short(err)})") from err
+    return Tracking(client, uri, config.retries)
+
+
+def store_damage(uri: str) -> str | None:
+    """Why a SQLite store's file is unreadable (SQLite's quick_check), as an error line; None when the file
+    is sound, missing, or the store is not SQLite."""
+    database = sqlite_file(uri)
+    if database is None or not database.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True)) as db:
+            found = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as err:
+        found = str(err)
+    if found == "ok":
+        return None
+    return (
+        f"{database} is not a readable MLflow store (SQLite: {found}): restore it from a backup, or point "
+        "tracking.uri elsewhere"
+    )
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other stores and :memory:)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri == f"{prefix}:memory:":
+        return None
+    return Path(uri.removeprefix(prefix))
 
 
 def experiment_id(tracking: Tracking, name: str) -> str:

@@ -1,6 +1,10 @@
 """The model as an MLflow pyfunc, logged with models-from-code: the script pyfunc_model.py builds
 `LandmarkModel`; the model directory holds that script, this package's source under code/ and model.pt,
-which `load_context` reads with `weights_only=True`; nothing is pickled."""
+which `load_context` reads with `weights_only=True`; nothing is pickled.
+
+The signature declares only the output: with an input TensorSpec, MLflow's scoring server casts the JSON
+to its dtype before `predict` (proto_json_utils.convert_data_type: np.array(values, dtype=uint8), which
+truncates 0.5 to 0), so `checked_crops` validates the values as sent and converts them itself."""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from typing import Any
 
 import mlflow
 import numpy as np
+from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModelContext
@@ -30,10 +36,16 @@ MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pyarrow", "tqdm", "pyyaml")
 """What the bundled package imports on the inference path, pinned to the installed versions at logging."""
+MAX_CROPS = 256
+"""The most crops one request to `mlflow models serve` may hold (README, "REST: MLflow's own server"): 256
+crops of 96 px (37 MB of JSON) took 24 s and raised one worker's peak memory from 1.0 to 1.8 GB on 2 shared
+CPU cores, most of it MLflow parsing the body before `predict`. Only serving is bounded (MLflow's serving
+flag): `model.predict` in a Python process takes any number."""
+PIXELS = "crops must be integers in 0..255"
 
 
 class LandmarkModel(mlflow.pyfunc.PythonModel):
-    """uint8 crops (N, S, S, 3) in, float32 landmarks (N, 98, 2) in crop pixels out."""
+    """Crops (N, S, S, 3) of integers 0..255 in, float32 landmarks (N, 98, 2) in crop pixels out."""
 
     def load_context(self, context: PythonModelContext) -> None:
         self.trained = load_trained(Path(context.artifacts["model"]))
@@ -41,15 +53,65 @@ class LandmarkModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> np.ndarray:
-        return predict_crops(self.trained, np.asarray(model_input))
+        limit = MAX_CROPS if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get() else None
+        return predict_crops(self.trained, checked_crops(model_input, self.trained.view.crop_size, limit))
 
 
-def signature(crop_size: int) -> ModelSignature:
-    """Tensor signature: uint8 (-1, S, S, 3) crops in, float32 (-1, 98, 2) crop pixels out."""
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, crop_size, crop_size, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, wflw.NUM_POINTS, 2))]),
-    )
+def checked_crops(crops: Any, crop_size: int, max_crops: int | None = None) -> np.ndarray:
+    """`crops` as uint8 (N, S, S, 3), or an MlflowException (HTTP 400) naming the first thing wrong: the
+    shape, more than `max_crops` crops, or a value that is not an integer in 0..255 (never rounded)."""
+    array = np.asarray(crops)
+    _check_shape(array.shape, crop_size, max_crops)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in "iufO":
+        raise _invalid(f"{PIXELS}: found values of dtype {array.dtype}")
+    bad = _first_non_pixel(array)
+    if bad is not None:
+        crop, row, column, channel = bad
+        place = f"crop {crop}, row {row}, column {column}, channel {channel}"
+        raise _invalid(f"{PIXELS}: found {_shown(array[bad])} at {place}")
+    return array.astype(np.uint8)
+
+
+def _check_shape(shape: tuple[int, ...], crop_size: int, max_crops: int | None) -> None:
+    if len(shape) != 4 or shape[1:] != (crop_size, crop_size, 3):
+        raise _invalid(f"crops must have shape (N, {crop_size}, {crop_size}, 3): found {shape}")
+    if max_crops is not None and shape[0] > max_crops:
+        raise _invalid(f"at most {max_crops} crops per request, found {shape[0]}: split the batch")
+
+
+def _first_non_pixel(array: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first value of numeric or object `array` that is not an integer in 0..255, None when
+    all are."""
+    if array.dtype == object:
+        pixel = np.vectorize(_is_pixel, otypes=[bool])(array)
+    else:
+        pixel = (array >= 0) & (array <= 255) & (np.floor(array) == array)
+    if pixel.all():
+        return None
+    return tuple(int(i) for i in np.unravel_index(np.argmin(pixel), array.shape))
+
+
+def _is_pixel(value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return 0 <= value <= 255 and value % 1 == 0
+
+
+def _shown(value: Any) -> str:
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _invalid(message: str) -> MlflowException:
+    """The scoring server answers an MlflowException with INVALID_PARAMETER_VALUE by HTTP 400."""
+    return MlflowException.invalid_parameter_value(message)
+
+
+def signature() -> ModelSignature:
+    """Output only, float32 (-1, 98, 2) crop pixels: no input spec, so MLflow hands `predict` the values as
+    sent (see the module's docstring) and `checked_crops` is the one check of the crops."""
+    return ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, wflw.NUM_POINTS, 2))]))
 
 
 def pip_requirements() -> list[str]:
@@ -74,9 +136,10 @@ def log_landmark_model(model_path: Path, *, name: str = "model", onnx: Path | No
         python_model=str(MODEL_CODE),
         artifacts={"model": str(model_path), **({"onnx": str(onnx)} if onnx else {})},
         code_paths=[str(PACKAGE_DIR)],
-        signature=signature(crop_size),
+        signature=signature(),
         input_example=np.full((1, crop_size, crop_size, 3), 128, np.uint8),
         pip_requirements=pip_requirements(),
+        metadata={"crop_size": crop_size, "max_crops_per_request": MAX_CROPS},
     )
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from file_limit import wflw_with_file_limit
 from helpers import default_params, tiny_trained
 from md_tables import rows, tables
 from paths import ROOT
@@ -190,3 +191,23 @@ def test_a_test_split_boxed_otherwise_than_the_training_data_is_warned_about(cap
         "model.pt was trained on faces boxed with convert.bbox=landmarks "
         "but test.parquet was made with bbox=rect"
     ]
+
+
+def test_no_room_for_the_outputs_is_one_line_and_the_old_outputs_stay(trained, tmp_path):
+    parquet_dir, model_path = trained
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"old": true}\n')
+    command = ["evaluate", "--params", str(ROOT / "params.yaml"), "--checkpoint", str(model_path),
+               "--parquet", str(parquet_dir), "--out", str(out),
+               "--set", "evaluate.device=cpu", "--set", "evaluate.grid_faces=1"]  # fmt: skip
+    done = wflw_with_file_limit(512, *command, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1].endswith(
+        f" ERROR wflw_pipeline: cannot write to {out}/: File too large (errno 27); free some space there or "
+        "write the outputs elsewhere (the files already there are unchanged)"
+    )
+    assert "Traceback" not in done.stderr
+    assert [p.name for p in out.iterdir()] == ["metrics.json"] and (
+        out / "metrics.json"
+    ).read_text() == '{"old": true}\n'

@@ -1,14 +1,16 @@
 """Atomic outputs (fileio.py): a file is written beside its path and renamed into place, so a reader sees
-the old file or the new one, never half of one; a failed write leaves the old file and no temporary one."""
+the old file or the new one, never half of one; a failed write leaves the old file and no temporary one, and
+one that found no room (a full disk, a quota, a file-size limit) is one line naming the folder."""
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 
 import pytest
 
-from wflw_pipeline.fileio import atomic_path, atomic_paths, write_json, write_text
+from wflw_pipeline.fileio import NoRoomError, atomic_path, atomic_paths, write_json, write_text
 
 
 def test_write_text_creates_the_folders_and_leaves_only_the_file_readable_by_all(tmp_path):
@@ -103,3 +105,39 @@ def test_temporaries_left_by_a_killed_writer_are_removed_by_the_next_write(tmp_p
     finally:
         alive.kill()
         alive.wait()
+
+
+def _disk_full() -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _torch_like_failure() -> None:
+    """What torch.save through a file object raises on a full disk: a RuntimeError during the OSError."""
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598") from None
+
+
+@pytest.mark.parametrize("failure", [_disk_full, _torch_like_failure])
+def test_a_write_that_finds_no_room_is_one_line_naming_the_folder_and_keeps_the_old_file(tmp_path, failure):
+    path = tmp_path / "model.pt"
+    path.write_text("old")
+    with pytest.raises(NoRoomError) as raised, atomic_path(path) as temp:
+        temp.write_text("half")
+        failure()
+    assert str(raised.value) == (
+        f"cannot write to {tmp_path}/: No space left on device (errno 28); free some space there or write "
+        "the outputs elsewhere (the files already there are unchanged)"
+    )
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_no_room_in_one_of_several_outputs_is_reported_once_and_other_errors_pass_unchanged(tmp_path):
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    with pytest.raises(NoRoomError, match=r"^cannot write to ") as raised, atomic_paths(paths):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert isinstance(raised.value.__cause__, OSError)
+    with pytest.raises(OSError, match="Permission denied"), atomic_path(tmp_path / "c.json"):
+        raise OSError(errno.EACCES, "Permission denied")
+    assert list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from file_limit import wflw_with_file_limit
 from helpers import default_params, tiny_parquet
 from paths import PARAMS_YAML
 
@@ -336,3 +337,19 @@ def test_a_truncated_train_split_fails_in_one_line_before_any_output(tmp_path, p
     [error] = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert error.startswith(f"{split}: not a readable Parquet file (") and "\n" not in error
     assert not (tmp_path / "model").exists() and not (tmp_path / "train" / "checkpoint.pt").exists()
+
+
+def test_no_room_for_the_model_is_one_line_and_leaves_no_temporary(tmp_path, parquet_dir):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(json.dumps(_params(epochs=1).to_dict()))
+    outputs = ["--model-dir", str(tmp_path / "model"), "--train-dir", str(tmp_path / "train")]
+    command = ["train", "--params", str(params_file), "--set", "tracking.enabled=false",
+               "--parquet", str(parquet_dir), *outputs]  # fmt: skip
+    done = wflw_with_file_limit(1 << 20, *command, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines()[-1].endswith(
+        f" ERROR wflw_pipeline: cannot write to {tmp_path / 'train'}/: File too large (errno 27); free some "
+        "space there or write the outputs elsewhere (the files already there are unchanged)"
+    )
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.rglob("*.tmp.*"))

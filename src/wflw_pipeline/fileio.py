@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -10,6 +11,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
+
+from .errors import PipelineError
+
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""The errnos of a write that found no room: a full disk, a used-up quota, a file-size limit."""
+
+
+class NoRoomError(PipelineError):
+    """An output could not be written for lack of space; the file it would have replaced is unchanged."""
 
 
 @contextmanager
@@ -26,8 +36,29 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield temp
         os.chmod(temp, 0o644)
         os.replace(temp, path)
+    except Exception as err:
+        full = None if isinstance(err, NoRoomError) else _no_room(err)
+        if full is None:
+            raise
+        raise NoRoomError(
+            f"cannot write to {path.parent}/: {full.strerror} (errno {full.errno}); free some space there or "
+            "write the outputs elsewhere (the files already there are unchanged)"
+        ) from err
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _no_room(err: BaseException) -> OSError | None:
+    """The OSError of a write that found no room (NO_ROOM) behind `err`, through its causes and contexts
+    (torch.save reports one as a RuntimeError raised while handling it)."""
+    seen: set[int] = set()
+    found: BaseException | None = err
+    while found is not None and id(found) not in seen:
+        if isinstance(found, OSError) and found.errno in NO_ROOM:
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def remove_stale_temporaries(path: Path) -> None:

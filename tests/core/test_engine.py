@@ -1,12 +1,14 @@
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from helpers import default_params
 from torch import nn
 
 from wflw_pipeline import train
 from wflw_pipeline.core import engine, losses
+from wflw_pipeline.core.engine import InferenceError
 from wflw_pipeline.core.geometry import View
 from wflw_pipeline.core.model import IMAGENET, build_model
 from wflw_pipeline.core.runtime import Precision
@@ -187,3 +189,72 @@ def test_loss_falls_on_16_faces_within_a_few_steps():
         )
         epoch_losses.append(result.loss)
     assert epoch_losses[-1] < 0.5 * epoch_losses[0], epoch_losses
+
+
+GRAY = np.full((2, 48, 48, 3), 128, np.uint8)
+PIXELS = "crops must be integers in 0..255: found"
+
+
+def _with(value, dtype, at=(1, 2, 3, 1)) -> np.ndarray:
+    crops = GRAY.astype(dtype)
+    crops[at] = value
+    return crops
+
+
+def test_uint8_crops_pass_unchanged():
+    assert engine.checked_crops(GRAY, 48) is GRAY
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64, object])
+def test_integer_pixels_0_to_255_of_any_dtype_become_uint8(dtype):
+    crops = _with(0, dtype)
+    crops[0, 0, 0, 0] = 255.0 if dtype is np.float64 else 255
+    checked = engine.checked_crops(crops, 48)
+    assert checked.dtype == np.uint8
+    np.testing.assert_array_equal(checked, crops.astype(np.int64))
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype", "shown"),
+    [
+        (0.5, np.float64, "0.5"),
+        (-0.5, np.float64, "-0.5"),
+        (255.5, np.float64, "255.5"),
+        (256, np.int64, "256"),
+        (-1, np.int64, "-1"),
+        (256.0, np.float64, "256.0"),
+        (np.nan, np.float64, "nan"),
+        (np.inf, np.float64, "inf"),
+        (None, object, "None"),
+        ("7", object, "'7'"),
+        (True, object, "True"),
+        (2**70, object, str(2**70)),
+    ],
+)
+def test_a_pixel_not_an_integer_in_0_to_255_is_named_with_its_place(value, dtype, shown):
+    with pytest.raises(InferenceError) as caught:
+        engine.checked_crops(_with(value, dtype), 48)
+    assert str(caught.value) == f"{PIXELS} {shown} at crop 1, row 2, column 3, channel 1"
+
+
+def test_the_first_bad_pixel_is_the_one_named():
+    crops = _with(0.5, np.float64, at=(1, 0, 0, 0))
+    crops[0, 47, 47, 2] = 300
+    with pytest.raises(InferenceError, match=rf"^{PIXELS} 300.0 at crop 0, row 47, column 47, channel 2$"):
+        engine.checked_crops(crops, 48)
+
+
+@pytest.mark.parametrize(
+    ("crops", "dtype"), [(np.ones((1, 48, 48, 3), bool), "bool"), (GRAY.astype(str), "<U3")]
+)
+def test_booleans_or_strings_are_not_pixels(crops, dtype):
+    with pytest.raises(InferenceError) as caught:
+        engine.checked_crops(crops, 48)
+    assert str(caught.value) == f"{PIXELS} values of dtype {dtype}"
+
+
+@pytest.mark.parametrize("shape", [(48, 48, 3), (1, 40, 40, 3), (1, 48, 48, 4), (1, 48, 40, 3), (0,)])
+def test_a_wrong_shape_is_named(shape):
+    with pytest.raises(InferenceError) as caught:
+        engine.checked_crops(np.zeros(shape, np.uint8), 48)
+    assert str(caught.value) == f"crops must have shape (N, 48, 48, 3): found {shape}"

@@ -15,6 +15,7 @@ from helpers import decoded_crops, evaluate_predictions, tiny_trained
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from wflw_pipeline.core import engine
 from wflw_pipeline.mlops import pyfunc
 
 FRESH_PROCESS = """
@@ -106,83 +107,7 @@ def test_the_input_example_is_one_grey_crop(model_dir):
     np.testing.assert_array_equal(example, np.full((1, 48, 48, 3), 128))
 
 
-GRAY = np.full((2, 48, 48, 3), 128, np.uint8)
 PIXELS = "crops must be integers in 0..255: found"
-
-
-def _with(value, dtype, at=(1, 2, 3, 1)) -> np.ndarray:
-    crops = GRAY.astype(dtype)
-    crops[at] = value
-    return crops
-
-
-def test_uint8_crops_pass_unchanged():
-    assert pyfunc.checked_crops(GRAY, 48) is GRAY
-
-
-@pytest.mark.parametrize("dtype", [np.int64, np.float64, object])
-def test_integer_pixels_0_to_255_of_any_dtype_become_uint8(dtype):
-    crops = _with(0, dtype)
-    crops[0, 0, 0, 0] = 255.0 if dtype is np.float64 else 255
-    checked = pyfunc.checked_crops(crops, 48)
-    assert checked.dtype == np.uint8
-    np.testing.assert_array_equal(checked, crops.astype(np.int64))
-
-
-@pytest.mark.parametrize(
-    ("value", "dtype", "shown"),
-    [
-        (0.5, np.float64, "0.5"),
-        (-0.5, np.float64, "-0.5"),
-        (255.5, np.float64, "255.5"),
-        (256, np.int64, "256"),
-        (-1, np.int64, "-1"),
-        (256.0, np.float64, "256.0"),
-        (np.nan, np.float64, "nan"),
-        (np.inf, np.float64, "inf"),
-        (None, object, "None"),
-        ("7", object, "'7'"),
-        (True, object, "True"),
-        (2**70, object, str(2**70)),
-    ],
-)
-def test_a_pixel_not_an_integer_in_0_to_255_is_named_with_its_place(value, dtype, shown):
-    with pytest.raises(MlflowException) as caught:
-        pyfunc.checked_crops(_with(value, dtype), 48)
-    assert caught.value.message == f"{PIXELS} {shown} at crop 1, row 2, column 3, channel 1"
-    assert caught.value.get_http_status_code() == 400
-
-
-def test_the_first_bad_pixel_is_the_one_named():
-    crops = _with(0.5, np.float64, at=(1, 0, 0, 0))
-    crops[0, 47, 47, 2] = 300
-    with pytest.raises(MlflowException, match=rf"^{PIXELS} 300.0 at crop 0, row 47, column 47, channel 2$"):
-        pyfunc.checked_crops(crops, 48)
-
-
-@pytest.mark.parametrize(
-    ("crops", "dtype"), [(np.ones((1, 48, 48, 3), bool), "bool"), (GRAY.astype(str), "<U3")]
-)
-def test_booleans_or_strings_are_not_pixels(crops, dtype):
-    with pytest.raises(MlflowException) as caught:
-        pyfunc.checked_crops(crops, 48)
-    assert caught.value.message == f"{PIXELS} values of dtype {dtype}"
-
-
-@pytest.mark.parametrize("shape", [(48, 48, 3), (1, 40, 40, 3), (1, 48, 48, 4), (1, 48, 40, 3), (0,)])
-def test_a_wrong_shape_is_named(shape):
-    with pytest.raises(MlflowException) as caught:
-        pyfunc.checked_crops(np.zeros(shape, np.uint8), 48)
-    assert caught.value.message == f"crops must have shape (N, 48, 48, 3): found {shape}"
-    assert caught.value.get_http_status_code() == 400
-
-
-def test_at_most_max_crops_per_request():
-    assert pyfunc.checked_crops(GRAY, 48, max_crops=2) is GRAY
-    with pytest.raises(MlflowException) as caught:
-        pyfunc.checked_crops(np.zeros((3, 48, 48, 3), np.uint8), 48, max_crops=2)
-    assert caught.value.message == "at most 2 crops per request, found 3: split the batch"
-    assert caught.value.get_http_status_code() == 400
 
 
 def test_the_loaded_model_checks_the_pixels_it_is_given(logged):
@@ -195,14 +120,39 @@ def test_the_loaded_model_checks_the_pixels_it_is_given(logged):
         model.predict(bad)
 
 
+@pytest.mark.parametrize(
+    "crops", [np.full((1, 48, 48, 3), 0.5), np.zeros((1, 40, 40, 3), np.uint8), np.ones((1, 48, 48, 3), bool)]
+)
+def test_bad_crops_are_an_invalid_parameter_with_the_core_message(logged, crops):
+    model = mlflow.pyfunc.load_model("models:/m@champion")
+    with pytest.raises(engine.InferenceError) as core:
+        engine.checked_crops(crops, 48)
+    with pytest.raises(MlflowException) as caught:
+        model.predict(crops)
+    assert (caught.value.error_code, caught.value.message) == ("INVALID_PARAMETER_VALUE", str(core.value))
+    assert caught.value.get_http_status_code() == 400
+
+
 def test_only_the_serving_path_bounds_the_crops_per_call(logged, monkeypatch):
     model = mlflow.pyfunc.load_model("models:/m@champion")
     crops = np.zeros((pyfunc.MAX_CROPS + 1, 48, 48, 3), np.uint8)
     assert model.predict(crops).shape == (pyfunc.MAX_CROPS + 1, 98, 2)
     monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
-    with pytest.raises(MlflowException, match=rf"^at most {pyfunc.MAX_CROPS} crops per request, found"):
+    with pytest.raises(MlflowException) as caught:
         model.predict(crops)
+    many = f"at most {pyfunc.MAX_CROPS} crops per request, found {pyfunc.MAX_CROPS + 1}: split the batch"
+    assert (caught.value.error_code, caught.value.message) == ("INVALID_PARAMETER_VALUE", many)
     assert model.predict(crops[: pyfunc.MAX_CROPS]).shape == (pyfunc.MAX_CROPS, 98, 2)
+
+
+def test_a_long_request_is_refused_after_its_shape_and_before_its_pixels(logged, monkeypatch):
+    model = mlflow.pyfunc.load_model("models:/m@champion")
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "true")
+    n = pyfunc.MAX_CROPS + 1
+    with pytest.raises(MlflowException, match=r"^crops must have shape \(N, 48, 48, 3\): found \(257, 40"):
+        model.predict(np.zeros((n, 40, 40, 3), np.uint8))
+    with pytest.raises(MlflowException, match=rf"^at most {pyfunc.MAX_CROPS} crops per request, found {n}"):
+        model.predict(np.full((n, 48, 48, 3), 0.5))
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ from wflw_pipeline.core.engine import InferenceError
 from wflw_pipeline.core.model import IMAGENET, CheckpointError, load_trained
 from wflw_pipeline.serving.inference import LandmarkPredictor
 
-EXPECTED_SHAPE = "crops: expected shape (N, 48, 48, 3) (RGB crops of the model's crop_size 48), found"
+EXPECTED_SHAPE = "crops must have shape (N, 48, 48, 3): found"
+PIXELS = "crops must be integers in 0..255: found"
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +81,16 @@ def test_empty_batch_gives_no_points(predictor):
         (np.zeros((2, 32, 32, 3), np.uint8), f"{EXPECTED_SHAPE} (2, 32, 32, 3)"),
         (np.zeros((2, 48, 48, 4), np.uint8), f"{EXPECTED_SHAPE} (2, 48, 48, 4)"),
         (np.zeros((2, 3, 48, 48), np.uint8), f"{EXPECTED_SHAPE} (2, 3, 48, 48)"),
-        (np.zeros((1, 48, 48, 3), bool), "crops: expected uint8 pixels, found dtype bool"),
-        (
-            np.full((1, 48, 48, 3), 0.5, np.float32),
-            "crops: expected integer pixel values 0..255, found non-integer float32",
-        ),
-        (
-            np.full((1, 48, 48, 3), np.nan),
-            "crops: expected integer pixel values 0..255, found non-integer float64",
-        ),
+        (np.zeros((1, 48, 48, 3), bool), f"{PIXELS} values of dtype bool"),
+        (np.full((1, 48, 48, 3), 0.5, np.float32), f"{PIXELS} 0.5 at crop 0, row 0, column 0, channel 0"),
+        (np.full((1, 48, 48, 3), np.nan), f"{PIXELS} nan at crop 0, row 0, column 0, channel 0"),
         (
             np.arange(1 * 48 * 48 * 3).reshape(1, 48, 48, 3) - 1,
-            "crops: expected pixel values 0..255, found int64 values from -1 to 6910",
+            f"{PIXELS} -1 at crop 0, row 0, column 0, channel 0",
+        ),
+        (
+            np.arange(1 * 48 * 48 * 3).reshape(1, 48, 48, 3),
+            f"{PIXELS} 256 at crop 0, row 1, column 37, channel 1",
         ),
     ],
 )

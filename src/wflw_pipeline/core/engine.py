@@ -24,6 +24,7 @@ from .runtime import Precision, resolve_precision
 
 CROP_BATCH = 64
 """Crops per forward pass of `predict_crops` (and the serving predictors) where the caller does not say."""
+_PIXELS = "crops must be integers in 0..255"
 
 
 class NonFiniteLossError(PipelineError):
@@ -273,7 +274,7 @@ def predict_crops(trained: TrainedModel, crops: Any, batch_size: int = CROP_BATC
     `trained.crop`: fp32, no flip test, so what `wflw evaluate` computes with those settings."""
     if batch_size < 1:
         raise InferenceError(f"batch_size: expected a positive integer, found {batch_size}")
-    pixels = np.array(_checked(crops, trained.view.crop_size), np.uint8)
+    pixels = np.array(checked_crops(crops, trained.view.crop_size))
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().to(trained.device)
     points = predict(
         trained.model,
@@ -286,29 +287,52 @@ def predict_crops(trained: TrainedModel, crops: Any, batch_size: int = CROP_BATC
     return points.to(torch.float32).numpy()
 
 
-def _checked(crops: Any, size: int) -> np.ndarray:
-    """`crops` as an (N, S, S, 3) array of pixel values, or InferenceError naming what is wrong."""
-    array = np.asarray(crops)
-    if array.ndim != 4 or array.shape[1:] != (size, size, 3):
-        raise InferenceError(
-            f"crops: expected shape (N, {size}, {size}, 3) (RGB crops of the model's crop_size {size}), "
-            f"found {array.shape}"
-        )
+def checked_crops(crops: Any, size: int) -> np.ndarray:
+    """`crops` as uint8 (N, S, S, 3) (uint8 as is), or InferenceError naming the first thing wrong: the
+    shape, or a value that is not an integer in 0..255 (never rounded; 255.0 is 255)."""
+    array = checked_shape(crops, size)
     if array.dtype == np.uint8:
         return array
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise InferenceError(f"crops: expected uint8 pixels, found dtype {array.dtype}")
-    if (
-        np.issubdtype(array.dtype, np.floating)
-        and not (np.isfinite(array) & (array == np.round(array))).all()
-    ):
-        raise InferenceError(f"crops: expected integer pixel values 0..255, found non-integer {array.dtype}")
-    if array.size and (array.min() < 0 or array.max() > 255):
-        raise InferenceError(
-            f"crops: expected pixel values 0..255, found {array.dtype} values from {array.min()} to "
-            f"{array.max()}"
-        )
+    if array.dtype.kind not in "iufO":
+        raise InferenceError(f"{_PIXELS}: found values of dtype {array.dtype}")
+    bad = _first_non_pixel(array)
+    if bad is not None:
+        crop, row, column, channel = bad
+        place = f"crop {crop}, row {row}, column {column}, channel {channel}"
+        raise InferenceError(f"{_PIXELS}: found {_shown(array[bad])} at {place}")
+    return array.astype(np.uint8)
+
+
+def checked_shape(crops: Any, size: int) -> np.ndarray:
+    """`crops` as an array of shape (N, S, S, 3), its values unchecked, or InferenceError naming the shape."""
+    array = np.asarray(crops)
+    if array.ndim != 4 or array.shape[1:] != (size, size, 3):
+        raise InferenceError(f"crops must have shape (N, {size}, {size}, 3): found {array.shape}")
     return array
+
+
+def _first_non_pixel(array: np.ndarray) -> tuple[int, ...] | None:
+    """The index of the first value of numeric or object `array` that is not an integer in 0..255, None when
+    all are."""
+    if array.dtype == object:
+        pixel = np.vectorize(_is_pixel, otypes=[bool])(array)
+    else:
+        pixel = (array >= 0) & (array <= 255) & (np.floor(array) == array)
+    if pixel.all():
+        return None
+    return tuple(int(i) for i in np.unravel_index(np.argmin(pixel), array.shape))
+
+
+def _is_pixel(value: Any) -> bool:
+    """An int or float (not a bool) that is an integer in 0..255: one value of an object array."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return 0 <= value <= 255 and value % 1 == 0
+
+
+def _shown(value: Any) -> str:
+    """`value` as Python writes it: 0.5, 256, None, '7' (a numpy scalar as its Python value)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _unlabelled(images: torch.Tensor, view: View) -> FaceSet:

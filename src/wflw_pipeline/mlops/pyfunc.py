@@ -4,7 +4,7 @@ which `load_context` reads with `weights_only=True`; nothing is pickled.
 
 The signature declares only the output: with an input TensorSpec, MLflow's scoring server casts the JSON
 to its dtype before `predict` (proto_json_utils.convert_data_type: np.array(values, dtype=uint8), which
-truncates 0.5 to 0), so `checked_crops` validates the values as sent and converts them itself."""
+truncates 0.5 to 0), so `engine.checked_crops` validates the values as sent and converts them itself."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from mlflow.models.model import ModelInfo
 from mlflow.pyfunc import PythonModelContext
 from mlflow.types import Schema, TensorSpec
 
-from ..core.engine import predict_crops
+from ..core.engine import InferenceError, checked_shape, predict_crops
 from ..core.model import load_trained
 from ..data import wflw
 from ..params import TrackingParams
@@ -41,7 +41,6 @@ MAX_CROPS = 256
 crops of 96 px (37 MB of JSON) took 24 s and raised one worker's peak memory from 1.0 to 1.8 GB on 2 shared
 CPU cores, most of it MLflow parsing the body before `predict`. Only serving is bounded (MLflow's serving
 flag): `model.predict` in a Python process takes any number."""
-PIXELS = "crops must be integers in 0..255"
 
 
 class LandmarkModel(mlflow.pyfunc.PythonModel):
@@ -53,64 +52,28 @@ class LandmarkModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: PythonModelContext, model_input: np.ndarray, params: dict[str, Any] | None = None
     ) -> np.ndarray:
-        limit = MAX_CROPS if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get() else None
-        return predict_crops(self.trained, checked_crops(model_input, self.trained.view.crop_size, limit))
+        """The points of `model_input`; bad crops (`engine.checked_crops`) or, while serving, more than
+        MAX_CROPS raise an MlflowException with INVALID_PARAMETER_VALUE, which the scoring server answers
+        by HTTP 400. The count is checked after the shape and before the pixels are read."""
+        try:
+            crops = _within_limit(checked_shape(model_input, self.trained.view.crop_size))
+            return predict_crops(self.trained, crops)
+        except InferenceError as err:
+            raise MlflowException.invalid_parameter_value(str(err)) from err
 
 
-def checked_crops(crops: Any, crop_size: int, max_crops: int | None = None) -> np.ndarray:
-    """`crops` as uint8 (N, S, S, 3), or an MlflowException (HTTP 400) naming the first thing wrong: the
-    shape, more than `max_crops` crops, or a value that is not an integer in 0..255 (never rounded)."""
-    array = np.asarray(crops)
-    _check_shape(array.shape, crop_size, max_crops)
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype.kind not in "iufO":
-        raise _invalid(f"{PIXELS}: found values of dtype {array.dtype}")
-    bad = _first_non_pixel(array)
-    if bad is not None:
-        crop, row, column, channel = bad
-        place = f"crop {crop}, row {row}, column {column}, channel {channel}"
-        raise _invalid(f"{PIXELS}: found {_shown(array[bad])} at {place}")
-    return array.astype(np.uint8)
-
-
-def _check_shape(shape: tuple[int, ...], crop_size: int, max_crops: int | None) -> None:
-    if len(shape) != 4 or shape[1:] != (crop_size, crop_size, 3):
-        raise _invalid(f"crops must have shape (N, {crop_size}, {crop_size}, 3): found {shape}")
-    if max_crops is not None and shape[0] > max_crops:
-        raise _invalid(f"at most {max_crops} crops per request, found {shape[0]}: split the batch")
-
-
-def _first_non_pixel(array: np.ndarray) -> tuple[int, ...] | None:
-    """The index of the first value of numeric or object `array` that is not an integer in 0..255, None when
-    all are."""
-    if array.dtype == object:
-        pixel = np.vectorize(_is_pixel, otypes=[bool])(array)
-    else:
-        pixel = (array >= 0) & (array <= 255) & (np.floor(array) == array)
-    if pixel.all():
-        return None
-    return tuple(int(i) for i in np.unravel_index(np.argmin(pixel), array.shape))
-
-
-def _is_pixel(value: Any) -> bool:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return False
-    return 0 <= value <= 255 and value % 1 == 0
-
-
-def _shown(value: Any) -> str:
-    return repr(value.item() if isinstance(value, np.generic) else value)
-
-
-def _invalid(message: str) -> MlflowException:
-    """The scoring server answers an MlflowException with INVALID_PARAMETER_VALUE by HTTP 400."""
-    return MlflowException.invalid_parameter_value(message)
+def _within_limit(crops: np.ndarray) -> np.ndarray:
+    """`crops`, or an MlflowException (HTTP 400) where they are more than MAX_CROPS while serving."""
+    if _MLFLOW_IS_IN_SERVING_ENVIRONMENT.get() and len(crops) > MAX_CROPS:
+        raise MlflowException.invalid_parameter_value(
+            f"at most {MAX_CROPS} crops per request, found {len(crops)}: split the batch"
+        )
+    return crops
 
 
 def signature() -> ModelSignature:
     """Output only, float32 (-1, 98, 2) crop pixels: no input spec, so MLflow hands `predict` the values as
-    sent (see the module's docstring) and `checked_crops` is the one check of the crops."""
+    sent (see the module's docstring) and `engine.checked_crops` is the one check of the crops."""
     return ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, wflw.NUM_POINTS, 2))]))
 
 

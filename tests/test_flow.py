@@ -18,7 +18,15 @@ from flow_project import make_project, stage_runs
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.testing.utilities import prefect_test_harness
-from train_wflw import StageFailed, failure, hydra_overrides, output_lines, results_table, run_logged
+from train_wflw import (
+    StageFailed,
+    failure,
+    hydra_overrides,
+    outcome_markdown,
+    output_lines,
+    results_table,
+    run_logged,
+)
 
 from wflw_pipeline import cli
 from wflw_pipeline.errors import ERROR_FILE_ENV, EXIT_TEMPFAIL, write_error_file
@@ -267,3 +275,27 @@ def test_results_table_rows():
     assert rows[0] == {"subset": "test", "NME (%)": 4.123, "FR@0.1 (%)": 1.23, "AUC@0.1": 0.5556, "faces": 5}
     assert rows[4] == {"subset": "makeup", "NME (%)": None, "FR@0.1 (%)": None, "AUC@0.1": None, "faces": 0}
     assert len(rows) == 7
+
+
+@pytest.mark.parametrize(
+    ("promoted", "line"),
+    [
+        (None, "- Promotion: not asked (flow parameter `promote`)"),
+        (True, "- Promotion: **promoted**: alias `champion`"),
+        (
+            False,
+            "- Promotion: refused by the gate (`wflw promote` printed why in the logs); alias `challenger`",
+        ),
+    ],
+)
+def test_the_run_page_says_what_the_gate_did(promoted, line):
+    registered = {"run_id": "abc", "model_name": "m", "version": "3", "tracking_uri": "sqlite:///mlflow.db"}
+    text = outcome_markdown("| NME |", registered, promoted, "exp-1")
+    assert text.splitlines() == [
+        "- DVC experiment: `exp-1` (`dvc exp show`)",
+        "- MLflow run: `abc` (sqlite:///mlflow.db)",
+        "- Registered model: `m version 3`",
+        line,
+        "",
+        "| NME |",
+    ]

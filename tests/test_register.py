@@ -13,7 +13,7 @@ import sys
 
 from helpers import tiny_parquet
 from pipeline_cli import params_file, register, registered
-from tracked_pipeline import pipeline_fixture, runs, trained_fixture  # noqa: F401  (fixtures pipeline, trained)
+from tracked_pipeline import runs
 
 
 def test_tracking_disabled_imports_no_mlflow(tmp_path):

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 from pipeline_cli import evaluate, register, registered
-from tracked_pipeline import mlflow_client, pipeline_fixture, runs, trained_fixture  # noqa: F401  (fixtures pipeline, trained)
+from tracked_pipeline import mlflow_client, runs
 
 from wflw_pipeline.data.contract import data_identity
 from wflw_pipeline.mlops import pipeline_run, provenance

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from helpers import tiny_parquet
 from md_tables import rows
 from pipeline_cli import register, wflw
-from tracked_pipeline import mlflow_client, pipeline_fixture, trained_fixture  # noqa: F401  (fixtures pipeline, trained)
+from tracked_pipeline import mlflow_client
 
 
 def _variant(root: Path, name: str, delta: float) -> str:

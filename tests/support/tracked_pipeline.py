@@ -1,8 +1,8 @@
 """A tiny pipeline trained and evaluated in git, tracked into its own SQLite MLflow store, as pytest fixtures
 (`trained`, `pipeline`), and readers of that store, for the tests of register and of mlops/.
 
-A test module uses the fixtures by importing them (`from tracked_pipeline import pipeline_fixture,
-trained_fixture`); pytest knows them by their names `pipeline` and `trained`, the test arguments.
+tests/conftest.py provides `trained` (trained once a session) and `pipeline` (a fresh copy for each test) to
+every test module; pytest knows them by those names, the test arguments.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _git_repo(root: Path) -> None:
         subprocess.run(["git", *args], cwd=root, check=True)
 
 
-@pytest.fixture(scope="module", name="trained")
+@pytest.fixture(scope="session", name="trained")
 def trained_fixture(tmp_path_factory) -> Path:
     """A tiny converted, trained and evaluated pipeline in git, tracked into its own SQLite store."""
     root = tmp_path_factory.mktemp("pipeline")

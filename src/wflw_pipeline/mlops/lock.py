@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 from ..errors import PipelineError, TransientError
 from .client import Tracking
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".promotion-lock"
 HOLDER = "wflw.lock.holder"
 EXPIRES = "wflw.lock.expires_ms"
+_TAKEN = {ErrorCode.Name(RESOURCE_ALREADY_EXISTS), ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)}
 _POLL_S = (0.05, 1.0)
 """The first and the longest wait between two tries to take a lock held by another process."""
 
@@ -89,21 +90,19 @@ def _acquire(tracking: Tracking, lock: str, holder: str, lease_s: float) -> Leas
         start = time.monotonic()
         if _create(tracking, lock, holder, lease_s):
             return Lease(lock, holder, start + lease_s, lease_s)
-        found = _tags(tracking, lock)
-        if found is None:
-            continue
+        found = _tags(tracking, lock) or {}
         if found.get(HOLDER) == holder:  # created by a try whose answer was lost
             return Lease(lock, holder, start + lease_s, lease_s)
-        if _expired(found):
+        if found and _expired(found):
             logger.warning("%s: the lease of %s ran out; breaking the lock", lock, found.get(HOLDER))
             _take_away(tracking, lock, found.get(HOLDER), holder)
             continue
         if time.monotonic() + wait > give_up:
             raise LockBusy(
-                f"{lock} is held by {found.get(HOLDER)} until {_when(found)}: another promote or rollback "
-                "is moving the champion; run this again when it is done"
+                f"{lock} is held by {found.get(HOLDER, 'another process')} until {_when(found)}: another "
+                "promote or rollback is moving the champion; run this again when it is done"
             )
-        if wait == _POLL_S[0]:
+        if found and wait == _POLL_S[0]:
             logger.info("%s is held by %s: waiting for it", lock, found.get(HOLDER))
         time.sleep(wait)
         wait = min(2 * wait, _POLL_S[1])
@@ -122,10 +121,12 @@ def _create(tracking: Tracking, lock: str, holder: str, lease_s: float) -> bool:
 
 
 def _unless_exists(create: Callable[[], Any]) -> bool:
+    """False when another process holds the name: the store says it exists, or (PostgreSQL behind a
+    server) that the holder it looked up after the unique-key violation is not visible to it yet."""
     try:
         create()
     except MlflowException as err:
-        if err.error_code == ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+        if err.error_code in _TAKEN:
             return False
         raise
     return True

@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
+import torch
 import yaml
 from helpers import PARAMS_YAML, default_params, tiny_trained
 from PIL import Image
@@ -367,3 +368,24 @@ def test_with_a_trained_model_the_points_land_near_the_truth(trained_model, mode
     trained, tiny = np.median(nme["trained"]), np.median(nme["tiny"])
     assert trained < 0.3, nme["trained"]  # measured: 0.206 (0.95 for the model of hand-made ring faces)
     assert trained < 0.5 * tiny, (trained, tiny)
+
+
+def test_a_model_trained_on_synthetic_faces_is_warned_about_once(model, params, tmp_path, caplog):
+    state = torch.load(model, weights_only=True)
+    assert state["data"]["source"] != "synthetic"
+    synthetic = tmp_path / "synthetic.pt"
+    torch.save({**state, "data": {**state["data"], "source": "synthetic"}}, synthetic)
+    image, (annotation, *_) = synthetic_image()
+    for name in ("a.jpg", "b.jpg"):
+        image.save(tmp_path / name, quality=95)
+    images = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg"), "--bbox", rect_bbox(annotation)]
+    with caplog.at_level(logging.WARNING):
+        assert predict(params, model, tmp_path / "real", *images) == 0
+        assert "synthetic" not in caplog.text
+        assert predict(params, synthetic, tmp_path / "out", *images) == 0
+    [warning] = [r.getMessage() for r in caplog.records if "synthetic" in r.getMessage()]
+    assert warning == (
+        f"{synthetic} was trained on synthetic faces only (data.source: synthetic): on real photos it does "
+        "about as well as always predicting the mean face shape; train on real WFLW for real photos (README, "
+        '"Real WFLW")'
+    )

@@ -384,6 +384,13 @@ def check(summary: Summary) -> None:
         )
 
 
+SYNTHETIC_ONLY = (
+    "%s was trained on synthetic faces only (data.source: synthetic): on real photos it does about as well "
+    'as always predicting the mean face shape; train on real WFLW for real photos (README, "Real WFLW")'
+)
+"""Warned once by `wflw predict` when the model learnt from synthetic faces (README, `wflw predict`)."""
+
+
 def run_predict(
     params: Params, model: str | None, paths: Sequence[Path], bbox: str | None, out: Path
 ) -> Summary:
@@ -397,6 +404,8 @@ def run_predict(
     with tempfile.TemporaryDirectory(prefix="wflw-model-") as folder:
         model_path, name = model_file(params, model, Path(folder))
         predictor = LandmarkPredictor.load(model_path, resolve_device(config.device, key="predict.device"))
+    if predictor.trained.data.get("source") == "synthetic":
+        logger.warning(SYNTHETIC_ONLY, name)
     find_faces = _given(box) if box else Detector(config.upsample, config.detect_max_side, config.min_score)
     rule = predictor.trained.crop
     summary = predict_images(sources, predictor, rule, find_faces, config, out, name)

@@ -135,9 +135,9 @@ data:
   local: {images_archive: i.tgz, annotations_archive: null, images_sha256: null, annotations_sha256: null}
 convert: {bbox: rect, padding: 1.5, context: 2, crop_size: 40, jpeg_quality: 80, val_fraction: 0.25,
           seed: 9, max_outside: 0.1, on_error: skip, workers: 3}
-model: {arch: resnet34, pretrained: none, input_size: 48}
+model: {arch: resnet34, pretrained: none, input_size: 48, head_init: normal, zero_init_residual: true}
 loss: {name: softwing, units: pixels, wing: {omega: 1.0, epsilon: 0.5},
-       softwing: {omega1: 1.0, omega2: 5.0, epsilon: 0.25}, smoothl1_beta: 0.5}
+       softwing: {omega1: 1.0, omega2: 5.0, epsilon: 0.25}, smoothl1_beta: 0.5, outside_points: ignore}
 augment: {flip_prob: 0.1, scale_min: 0.9, scale_max: 1.1, rotation_deg: 30, rotation_prob: 0.2,
           shift_frac: 0.05, shift_prob: 0.4}
 train: {epochs: 7, batch_size: 5, lr: 0.01, weight_decay: 0.0001, warmup_iters: 3, warmup_ratio: 0.5,
@@ -175,6 +175,11 @@ predict: {upsample: 0, detect_max_side: 640, min_score: 0.5, refine: 2, batch_si
     assert (params.registry.model_name, params.registry.require_significant) == ("m", False)
     assert (params.registry.bootstrap_samples, params.registry.confidence) == (200, 0.9)
     assert params.registry.lock_lease_s == 30
+    assert (params.model.head_init, params.model.zero_init_residual, params.loss.outside_points) == (
+        "normal",
+        True,
+        "ignore",
+    )
     assert (params.predict.upsample, params.predict.detect_max_side, params.predict.refine) == (0, 640, 2)
     assert (params.predict.min_score, params.predict.batch_size, params.predict.device) == (0.5, 4, "cpu")
 
@@ -295,3 +300,31 @@ def test_every_config_sets_the_compile_cache_and_an_empty_one_is_refused(tmp_pat
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError, match=r"params.yaml: train.compile_cache: must be a folder or null"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.pretrained=imagenet"], "model.pretrained: say which ImageNet weights, imagenet_v1"),
+        (
+            ["model.pretrained=imagenet_v2", "model.arch=resnet18"],
+            "model.pretrained: torchvision has imagenet_v2 weights for resnet50 and resnet101 only; found "
+            "resnet18",
+        ),
+        (["model.head_init=zeros"], "model.head_init"),
+        (["loss.outside_points=drop"], "loss.outside_points"),
+    ],
+)
+def test_the_mmpose_choices_take_only_their_named_values(overrides, message):
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        load_params(PARAMS_YAML, overrides)
+
+
+def test_the_reference_config_takes_mmposes_value_for_each_named_choice():
+    reference = load_params(ROOT / "configs" / "deeppose_res50_wingloss_wflw.yaml")
+    assert (reference.model.pretrained, reference.model.head_init, reference.model.zero_init_residual) == (
+        "imagenet_v1",
+        "normal",
+        True,
+    )
+    assert reference.loss.outside_points == "ignore"

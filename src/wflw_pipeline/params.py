@@ -125,9 +125,20 @@ class ModelParams:
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"]
     pretrained: str
     input_size: int
+    head_init: Literal["mean_shape", "normal"]
+    zero_init_residual: bool
 
     def validate(self, key: str) -> None:
         _require(32 <= self.input_size <= 1024, f"{key}.input_size: must be in [32, 1024]")
+        _require(
+            self.pretrained != "imagenet",
+            f"{key}.pretrained: say which ImageNet weights, imagenet_v1 (MMPose's reference) or imagenet_v2",
+        )
+        _require(
+            self.pretrained != "imagenet_v2" or self.arch in ("resnet50", "resnet101"),
+            f"{key}.pretrained: torchvision has imagenet_v2 weights for resnet50 and resnet101 only; found "
+            f"{self.arch}",
+        )
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,7 @@ class LossParams:
     wing: WingParams
     softwing: SoftWingParams
     smoothl1_beta: float
+    outside_points: Literal["count", "ignore"]
 
     def validate(self, key: str) -> None:
         _positive(self, key, "smoothl1_beta")

@@ -150,7 +150,10 @@ class _Run:
         self.world_size = world.world_size
         self.view = View(train.crop_size, train.context, params.model.input_size)
         self.mean_shape = mean_shape(train, self.view)
-        self.model = build_model(params.model.arch, params.model.pretrained, self.mean_shape).to(device)
+        model = params.model
+        self.model = build_model(
+            model.arch, model.pretrained, self.mean_shape, model.head_init, model.zero_init_residual
+        ).to(device)
         self.precision = resolve_precision(config.precision, config.channels_last, device)
         self.model = self.model.to(memory_format=self.precision.memory_format())
         self.iters_per_epoch = iters_per_epoch(len(train), config.batch_size * world.world_size)

@@ -1,9 +1,19 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from helpers import default_params
 
-from wflw_pipeline.core.losses import L1Loss, SmoothL1Loss, SoftWingLoss, WingLoss, build_loss
+from wflw_pipeline.core.losses import (
+    L1Loss,
+    SmoothL1Loss,
+    SoftWingLoss,
+    WingLoss,
+    build_loss,
+    inside_input,
+    loss_from_params,
+)
 
 
 def one_difference(d: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,3 +106,35 @@ def test_bad_options_are_rejected():
         WingLoss(epsilon=0.0)
     with pytest.raises(ValueError, match="beta"):
         SmoothL1Loss(beta=0.0)
+
+
+def test_inside_input_is_mmposes_0_to_size_minus_1_in_this_projects_pixel_convention():
+    size = 10  # normalised 0.05 and 0.95 are pixels 0.5 and 9.5: MMPose's 0 and 9
+    target = torch.tensor([[[0.05, 0.95], [0.049, 0.5], [0.5, 0.951], [0.5, 0.5], [-0.2, 1.2]]])
+    assert inside_input(target, size).tolist() == [[1.0, 0.0, 0.0, 1.0, 0.0]]
+
+
+def test_a_point_a_rotation_pushed_off_the_input_adds_nothing_to_the_loss_or_its_gradient():
+    target = torch.full((1, 98, 2), 0.5)
+    corner = torch.tensor([0.45, 0.45])  # point (0.95, 0.95), relative to the centre, turned by 45 degrees:
+    turned = torch.tensor(
+        [[math.cos(math.pi / 4), -math.sin(math.pi / 4)], [math.sin(math.pi / 4), math.cos(math.pi / 4)]]
+    )
+    target[0, 7] = 0.5 + turned @ corner  # (0.5, 1.136): below the input
+    assert target[0, 7].tolist() == pytest.approx([0.5, 0.5 + 0.45 * math.sqrt(2)])
+    pred = (target + 0.01).requires_grad_()
+    ignore = WingLoss(input_size=64, outside="ignore")
+    loss = ignore(pred, target)
+    loss.backward()
+    per_coordinate = 10 * math.log1p(0.01 / 2)
+    assert loss.item() == pytest.approx(97 * 2 * per_coordinate, rel=1e-5)
+    assert pred.grad[0, 7].tolist() == [0.0, 0.0] and bool((pred.grad[0, :7] != 0).all())
+    assert WingLoss(input_size=64)(pred, target).item() == pytest.approx(98 * 2 * per_coordinate, rel=1e-5)
+
+
+def test_loss_from_params_passes_outside_points():
+    config = default_params().loss
+    assert loss_from_params(config, 64).outside == "count"
+    assert loss_from_params(replace(config, outside_points="ignore"), 64).outside == "ignore"
+    with pytest.raises(ValueError, match="outside must be one of count, ignore, got 'drop'"):
+        WingLoss(outside="drop")

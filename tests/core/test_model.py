@@ -16,6 +16,7 @@ from wflw_pipeline.core.model import (
     ModelError,
     Normalize,
     build_model,
+    imagenet_weights,
     load_trained,
     save_trained,
 )
@@ -89,7 +90,7 @@ def test_imagenet_offline_explains_how_to_use_a_local_file(monkeypatch):
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
     with pytest.raises(ModelError, match="offline") as info:
-        build_model("resnet18", "imagenet")
+        build_model("resnet18", "imagenet_v1")
     assert "state_dict" in str(info.value) and "pretrained" in str(info.value)
 
 
@@ -102,7 +103,7 @@ def test_imagenet_uses_the_torchvision_weights(monkeypatch, resnet18_file):
         return reference
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", cached)
-    backbone = build_model("resnet18", "imagenet").backbone
+    backbone = build_model("resnet18", "imagenet_v1").backbone
     assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1]
     assert torch.equal(backbone.conv1.weight, reference["conv1.weight"])
 
@@ -239,3 +240,38 @@ def test_the_head_runs_in_fp32_under_bf16_autocast():
     assert out.dtype == torch.float32
     exact = (features.float() @ model.head.weight.T + model.head.bias).view(-1, 98, 2)
     assert torch.equal(out, exact)  # bf16 output would differ: its steps are 2^-8 in [0.5, 1)
+
+
+def test_imagenet_v1_is_mmposes_resnet50_and_v2_the_newer_recipe():
+    v1, v2 = imagenet_weights("resnet50", "imagenet_v1"), imagenet_weights("resnet50", "imagenet_v2")
+    assert v1.url == "https://download.pytorch.org/models/resnet50-0676ba61.pth"  # mmengine torchvision_0.12
+    assert v1.meta["_metrics"]["ImageNet-1K"]["acc@1"] == 76.13
+    assert v2.meta["_metrics"]["ImageNet-1K"]["acc@1"] == 80.858
+    with pytest.raises(ModelError, match=r"^torchvision has no imagenet_v2 weights for resnet18 \(only for "):
+        imagenet_weights("resnet18", "imagenet_v2")
+
+
+def test_the_normal_head_starts_as_mmposes_and_the_mean_shape_head_at_the_mean_shape():
+    torch.manual_seed(0)
+    normal = DeepPose("resnet18", head_init="normal").head.requires_grad_(False)
+    assert torch.equal(normal.bias, torch.zeros(196))
+    assert abs(float(normal.weight.mean())) < 1e-4 and 0.0098 < float(normal.weight.std()) < 0.0102
+    shape = torch.rand(98, 2)
+    mean = DeepPose("resnet18", shape).head
+    assert torch.equal(mean.weight, torch.zeros_like(mean.weight)) and torch.equal(
+        mean.bias, shape.reshape(-1)
+    )
+    with pytest.raises(ModelError, match="unknown head_init 'zeros'"):
+        DeepPose("resnet18", head_init="zeros")
+
+
+@pytest.mark.parametrize(("arch", "last_bn"), [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_zero_init_residual_starts_each_blocks_last_batchnorm_at_zero(arch, last_bn):
+    def last_bn_weights(model: DeepPose) -> list[torch.Tensor]:
+        layers = [model.backbone.layer1, model.backbone.layer2, model.backbone.layer3, model.backbone.layer4]
+        return [getattr(block, last_bn).weight for layer in layers for block in layer]
+
+    assert all(
+        torch.equal(w, torch.zeros_like(w)) for w in last_bn_weights(DeepPose(arch, zero_init_residual=True))
+    )
+    assert all(torch.equal(w, torch.ones_like(w)) for w in last_bn_weights(DeepPose(arch)))

@@ -10,6 +10,11 @@ Units of the penalty (`units`):
   (omega1 = 2) is exactly L1.
 - `pixels` (the Wing paper): the differences times `input_size`, i.e. in input pixels. Wing(pixels,
   omega, epsilon) equals Wing(normalized, omega / input_size, epsilon / input_size) x input_size.
+
+Points that augmentation pushed off the input (`outside`): `count` penalises them like any other;
+`ignore` gives them weight 0, as MMPose's WingLoss(use_target_weight=True) with RegressionLabel's weights:
+a point counts only where both coordinates lie in MMPose's [0, size - 1] (pixel centres at integers),
+which is [0.5, size - 0.5] in this project's convention. Either way the sum is averaged over the batch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from ..params import LossParams
 
 Units = Literal["normalized", "pixels"]
 UNITS: tuple[str, ...] = ("normalized", "pixels")
+Outside = Literal["count", "ignore"]
+OUTSIDE: tuple[str, ...] = ("count", "ignore")
 
 
 def _require_positive(**values: float) -> None:
@@ -34,17 +41,24 @@ def _require_positive(**values: float) -> None:
 class PointLoss(nn.Module):
     """Base class: `penalty(|difference|)` summed over points and x/y, averaged over the batch."""
 
-    def __init__(self, units: Units = "normalized", input_size: int = 256) -> None:
+    def __init__(
+        self, units: Units = "normalized", input_size: int = 256, outside: Outside = "count"
+    ) -> None:
         super().__init__()
         if units not in UNITS:
             raise ValueError(f"units must be one of {', '.join(UNITS)}, got {units!r}")
+        if outside not in OUTSIDE:
+            raise ValueError(f"outside must be one of {', '.join(OUTSIDE)}, got {outside!r}")
         _require_positive(input_size=input_size)
         self.units = units
         self.input_size = input_size
+        self.outside = outside
         self.factor = float(input_size) if units == "pixels" else 1.0
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         distance = (pred - target).abs() * self.factor
+        if self.outside == "ignore":
+            distance = distance * inside_input(target, self.input_size).unsqueeze(-1)
         return self.penalty(distance).flatten(1).sum(dim=1).mean()
 
     def penalty(self, distance: Tensor) -> Tensor:
@@ -52,7 +66,14 @@ class PointLoss(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"units={self.units!r}, input_size={self.input_size}"
+        return f"units={self.units!r}, input_size={self.input_size}, outside={self.outside!r}"
+
+
+def inside_input(target: Tensor, input_size: int) -> Tensor:
+    """(B, 98) float: 1 where a target point (normalised) lies on the input, both coordinates in
+    [0.5, input_size - 0.5] px (MMPose's [0, size - 1]), else 0."""
+    pixels = target * input_size
+    return ((pixels >= 0.5) & (pixels <= input_size - 0.5)).all(dim=-1).to(target.dtype)
 
 
 class WingLoss(PointLoss):
@@ -62,9 +83,14 @@ class WingLoss(PointLoss):
     """
 
     def __init__(
-        self, omega: float = 10.0, epsilon: float = 2.0, units: Units = "normalized", input_size: int = 256
+        self,
+        omega: float = 10.0,
+        epsilon: float = 2.0,
+        units: Units = "normalized",
+        input_size: int = 256,
+        outside: Outside = "count",
     ) -> None:
-        super().__init__(units, input_size)
+        super().__init__(units, input_size, outside)
         _require_positive(omega=omega, epsilon=epsilon)
         self.omega = omega
         self.epsilon = epsilon
@@ -88,8 +114,9 @@ class SoftWingLoss(PointLoss):
         epsilon: float = 0.5,
         units: Units = "normalized",
         input_size: int = 256,
+        outside: Outside = "count",
     ) -> None:
-        super().__init__(units, input_size)
+        super().__init__(units, input_size, outside)
         _require_positive(omega1=omega1, omega2=omega2, epsilon=epsilon)
         self.omega1 = omega1
         self.omega2 = omega2
@@ -111,8 +138,14 @@ class L1Loss(PointLoss):
 class SmoothL1Loss(PointLoss):
     """0.5*d^2/beta if d < beta, else d - 0.5*beta (in normalised units with beta = 1: always 0.5*d^2)."""
 
-    def __init__(self, beta: float = 1.0, units: Units = "normalized", input_size: int = 256) -> None:
-        super().__init__(units, input_size)
+    def __init__(
+        self,
+        beta: float = 1.0,
+        units: Units = "normalized",
+        input_size: int = 256,
+        outside: Outside = "count",
+    ) -> None:
+        super().__init__(units, input_size, outside)
         _require_positive(beta=beta)
         self.beta = beta
 
@@ -138,7 +171,11 @@ def build_loss(name: str, **kwargs: float | str) -> PointLoss:
 
 def loss_from_params(config: LossParams, input_size: int) -> PointLoss:
     """The loss `config` describes, in its units, for a network input of `input_size` px."""
-    options: dict[str, float | str] = {"units": config.units, "input_size": input_size}
+    options: dict[str, float | str] = {
+        "units": config.units,
+        "input_size": input_size,
+        "outside": config.outside_points,
+    }
     if config.name == "wing":
         options.update(omega=config.wing.omega, epsilon=config.wing.epsilon)
     elif config.name == "softwing":

@@ -18,13 +18,28 @@ from ..fileio import atomic_path
 from .geometry import CropRule, View
 from .runtime import Precision
 
-ARCHITECTURES: dict[str, tuple[Callable[..., models.ResNet], WeightsEnum]] = {
-    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
-    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1),
-    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
-    "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V2),
+ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {
+    "resnet18": models.resnet18,
+    "resnet34": models.resnet34,
+    "resnet50": models.resnet50,
+    "resnet101": models.resnet101,
 }
-"""arch -> (torchvision constructor, the ImageNet weights `pretrained: imagenet` loads)."""
+"""arch -> its torchvision constructor."""
+IMAGENET_WEIGHTS: dict[str, dict[str, WeightsEnum]] = {
+    "imagenet_v1": {
+        "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
+        "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
+        "resnet50": models.ResNet50_Weights.IMAGENET1K_V1,
+        "resnet101": models.ResNet101_Weights.IMAGENET1K_V1,
+    },
+    "imagenet_v2": {
+        "resnet50": models.ResNet50_Weights.IMAGENET1K_V2,
+        "resnet101": models.ResNet101_Weights.IMAGENET1K_V2,
+    },
+}
+"""`model.pretrained` -> arch -> torchvision's ImageNet weights. MMPose's `torchvision://resnet50` is V1."""
+HEAD_INIT_STD = 0.01
+"""`head_init: normal`: MMPose's RegressionHead draws the Linear weights from Normal(0, 0.01), bias 0."""
 
 
 @dataclass(frozen=True)
@@ -47,23 +62,30 @@ class DeepPose(nn.Module):
     """ResNet without its fc -> global average pooling -> Linear(features, 98 * 2).
 
     The output is (B, 98, 2): x then y of each point, normalised to the network input ([0, 1] spans
-    its width and height). The head starts with zero weights and `mean_shape` (default: every point
-    at 0.5, the input centre) as bias, so the first prediction is the mean shape for any image.
+    its width and height). With `head_init="mean_shape"` the head starts with zero weights and
+    `mean_shape` (default: every point at 0.5, the input centre) as bias, so the first prediction is the
+    mean shape for any image; with `"normal"` as MMPose's RegressionHead (weights Normal(0, 0.01), bias 0:
+    first predictions near the input's top-left corner). `zero_init_residual` starts each residual
+    block's last BatchNorm at zero, as MMPose's ResNet does.
 
     The head always runs in fp32, under autocast too: bf16 keeps 8 significant bits, so an output in
     [0.5, 1) would move in steps of 1/256 of the input, a whole pixel at 256 px.
     """
 
-    def __init__(self, arch: str, mean_shape: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        arch: str,
+        mean_shape: Tensor | None = None,
+        head_init: str = "mean_shape",
+        zero_init_residual: bool = False,
+    ) -> None:
         super().__init__()
         self.arch = arch
-        self.backbone = _resnet(arch)
+        self.backbone = _resnet(arch, zero_init_residual)
         features = self.backbone.fc.in_features
         self.backbone.fc = nn.Identity()
         self.head = nn.Linear(features, wflw.NUM_POINTS * 2)
-        nn.init.zeros_(self.head.weight)
-        with torch.no_grad():
-            self.head.bias.copy_(_initial_bias(mean_shape))
+        _init_head(self.head, head_init, mean_shape)
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.backbone(x)
@@ -72,10 +94,22 @@ class DeepPose(nn.Module):
         return points.view(-1, wflw.NUM_POINTS, 2)
 
 
-def _resnet(arch: str) -> models.ResNet:
+def _resnet(arch: str, zero_init_residual: bool) -> models.ResNet:
     if arch not in ARCHITECTURES:
         raise ModelError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch][0](weights=None)
+    return ARCHITECTURES[arch](weights=None, zero_init_residual=zero_init_residual)
+
+
+def _init_head(head: nn.Linear, how: str, mean_shape: Tensor | None) -> None:
+    if how == "normal":
+        nn.init.normal_(head.weight, std=HEAD_INIT_STD)
+        nn.init.zeros_(head.bias)
+    elif how == "mean_shape":
+        nn.init.zeros_(head.weight)
+        with torch.no_grad():
+            head.bias.copy_(_initial_bias(mean_shape))
+    else:
+        raise ModelError(f"unknown head_init {how!r}: choose mean_shape or normal")
 
 
 def _initial_bias(mean_shape: Tensor | None) -> Tensor:
@@ -86,22 +120,38 @@ def _initial_bias(mean_shape: Tensor | None) -> Tensor:
     return mean_shape.detach().float().reshape(-1)
 
 
-def build_model(arch: str, pretrained: str, mean_shape: Tensor | None = None) -> DeepPose:
-    """DeepPose with backbone weights from `pretrained`: `none`, `imagenet`, or a state_dict file path.
+def build_model(
+    arch: str,
+    pretrained: str,
+    mean_shape: Tensor | None = None,
+    head_init: str = "mean_shape",
+    zero_init_residual: bool = False,
+) -> DeepPose:
+    """DeepPose with backbone weights from `pretrained`: `none`, `imagenet_v1`, `imagenet_v2`
+    (IMAGENET_WEIGHTS), or a state_dict file path.
 
     A file must hold a torchvision ResNet state_dict of the same arch (`conv1.weight`, `layer1.0...`);
     its `fc.*` entries are ignored.
     """
-    model = DeepPose(arch, mean_shape)
-    if pretrained == "imagenet":
-        _load_backbone(model, _imagenet_state_dict(arch), f"ImageNet weights for {arch}")
+    model = DeepPose(arch, mean_shape, head_init, zero_init_residual)
+    if pretrained in IMAGENET_WEIGHTS:
+        weights = imagenet_weights(arch, pretrained)
+        _load_backbone(model, _imagenet_state_dict(arch, weights), f"ImageNet weights {weights} for {arch}")
     elif pretrained != "none":
         _load_backbone(model, _file_state_dict(Path(pretrained)), pretrained)
     return model
 
 
-def _imagenet_state_dict(arch: str) -> Mapping[str, Tensor]:
-    weights = ARCHITECTURES[arch][1]
+def imagenet_weights(arch: str, pretrained: str) -> WeightsEnum:
+    """torchvision's weights that `pretrained` (imagenet_v1 | imagenet_v2) names for `arch`."""
+    found = IMAGENET_WEIGHTS[pretrained].get(arch)
+    if found is None:
+        have = ", ".join(IMAGENET_WEIGHTS[pretrained])
+        raise ModelError(f"torchvision has no {pretrained} weights for {arch} (only for {have})")
+    return found
+
+
+def _imagenet_state_dict(arch: str, weights: WeightsEnum) -> Mapping[str, Tensor]:
     try:
         return weights.get_state_dict(progress=False, check_hash=True)
     except OSError as err:

@@ -3,15 +3,21 @@ PREFECT_HOME, the flow served by `flows/serve.py` and run by a process work pool
 pipeline (tiny params) in a copy of the repository with a local-directory DVC remote, MLflow on its default
 SQLite store. One server and one workspace serve the module's tests (DVC's cache keeps them short); each test
 triggers the runs it checks. Every process started is stopped, also when a test fails.
+
+A run that makes no progress fails its test with a diagnosis (`_stuck`): the run's newest log lines, the
+processes in the workspace with the kernel function each waits in, and their Python stacks, which
+faulthandler prints when the test aborts them (which also frees the workspace for the tests after).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 import uuid
@@ -58,7 +64,7 @@ def prefect(tmp_path_factory, workspace) -> Iterator[dict[str, str]]:
 
 
 def _env(repo: Path, prefect_env: dict[str, str]) -> dict[str, str]:
-    return {**pipeline_env(repo), **prefect_env}
+    return {**pipeline_env(repo), **prefect_env, "PYTHONFAULTHANDLER": "1"}
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = RUN_TIMEOUT_S) -> str:
@@ -111,7 +117,7 @@ def _wait_final(env: dict[str, str], run_ids: list[uuid.UUID]) -> list:
 
 def _wait_until(env: dict[str, str], run_ids: list[uuid.UUID], reached: Callable[[list], bool], what: str):
     """The flow runs, once `reached(runs)`. Fails if they all end first, or make no progress (no new state,
-    no new log line) for STALL_S, saying what was still pending."""
+    no new log line) for STALL_S, saying what was still pending and what the stuck processes were doing."""
     seen, since = None, time.monotonic()
     with _client(env) as client:
         while True:
@@ -124,8 +130,60 @@ def _wait_until(env: dict[str, str], run_ids: list[uuid.UUID], reached: Callable
             progress = ([run.state_name for run in runs], newest)
             if progress != seen:
                 seen, since = progress, time.monotonic()
-            assert time.monotonic() - since < STALL_S, f"no progress in {STALL_S} s; waiting for {pending}"
+            if time.monotonic() - since >= STALL_S:
+                pytest.fail(f"no progress in {STALL_S} s; waiting for {pending}\n{_stuck(env, run_ids)}")
             time.sleep(1)
+
+
+def _stuck(env: dict[str, str], run_ids: list[uuid.UUID]) -> str:
+    """What stuck runs were doing: the processes of the workspace, then their Python stacks (SIGABRT, leaves
+    first, with PYTHONFAULTHANDLER set), then the runs' newest log lines and the serving process' log."""
+    workspace = Path(env["PYTHONPATH"]).parent.resolve()
+    table = _process_table(workspace)
+    columns = ("pid", "ppid", "state", "wchan")
+    listing = "\n".join(" ".join(str(p[c]) for c in columns) + " " + p["cmdline"][:160] for p in table)
+    for proc in sorted(table, key=lambda p: -p["depth"]):
+        if "flows/serve.py" not in proc["cmdline"] and "worker start" not in proc["cmdline"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc["pid"], signal.SIGABRT)
+            time.sleep(2)
+    time.sleep(5)
+    from prefect.client.schemas.sorting import LogSort
+
+    with _client(env) as client:
+        logs = client.read_logs(_log_filter(run_ids), limit=60, sort=LogSort.TIMESTAMP_DESC)
+    lines = "\n".join(f"{log.timestamp:%H:%M:%S} {log.message[:300]}" for log in reversed(logs))
+    served = [
+        f"--- {path.name}:\n{path.read_text(errors='replace')[-8000:]}"
+        for path in (workspace.parent / "serve.log", workspace.parent / "worker.log")
+        if path.is_file()
+    ]
+    return "\n".join([f"processes ({' '.join(columns)} command):", listing, "--- run logs:", lines, *served])
+
+
+def _process_table(workspace: Path) -> list[dict]:
+    """The processes whose working directory is `workspace` or its parent, with their depth below pid 1."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "cwd").resolve() not in (workspace, workspace.parent):
+                continue
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            found[int(proc.name)] = {
+                "pid": int(proc.name),
+                "ppid": int(stat[1]),
+                "state": stat[0],
+                "wchan": (proc / "wchan").read_text() or "-",
+                "cmdline": (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"),
+            }
+        except (OSError, IndexError):
+            continue
+    for proc in found.values():
+        depth, parent = 0, proc["ppid"]
+        while parent in found:
+            depth, parent = depth + 1, found[parent]["ppid"]
+        proc["depth"] = depth
+    return sorted(found.values(), key=lambda p: p["pid"])
 
 
 def _newest_log(client, run_ids: list[uuid.UUID]) -> tuple[str, str] | None:
@@ -160,14 +218,18 @@ def _experiments(repo: Path, env: dict[str, str]) -> dict[str, dict[str, str]]:
 def test_the_served_deployment_runs_the_pipeline_with_an_override_and_the_gate(workspace, prefect):
     params_before = (workspace / "params.yaml").read_bytes()
 
-    out = _prefect(
-        prefect,
+    command = [
+        str(BIN / "prefect"), "--no-prompt",
         "deployment", "run", "train-wflw/e2e",
         "--param", 'overrides={"train.epochs": 2}', "--param", "promote=true", "--watch",
-        cwd=workspace,
-    )  # fmt: skip
-
-    run_id = uuid.UUID(out.split("UUID:")[1].split()[0])
+    ]  # fmt: skip
+    with subprocess.Popen(command, cwd=workspace, env=prefect, stdout=subprocess.PIPE, text=True) as watch:
+        assert watch.stdout is not None
+        created = next(line for line in watch.stdout if "UUID:" in line)
+        run_id = uuid.UUID(created.split("UUID:")[1].split()[0])
+        _wait_final(prefect, [run_id])  # --watch's own wait has no stall check
+        out = created + watch.communicate(timeout=RUN_TIMEOUT_S)[0]
+    assert watch.returncode == 0, out
     with _client(prefect) as client:
         flow_run = client.read_flow_run(run_id)
         artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=_of_run(run_id))}

@@ -133,15 +133,15 @@ data:
   wflw: {images_url: http://a/i.tgz, annotations_url: http://a/a.tgz, images_sha256: null,
          annotations_sha256: null, cache_dir: cache, retries: 1, timeout_s: 3}
   local: {images_archive: i.tgz, annotations_archive: null, images_sha256: null, annotations_sha256: null}
-convert: {bbox: rect, padding: 1.5, context: 2, crop_size: 40, jpeg_quality: 80, val_fraction: 0.25,
+convert: {bbox: landmarks_ceil, padding: 1.5, context: 2, crop_size: 40, jpeg_quality: 80, val_fraction: 0.25,
           seed: 9, max_outside: 0.1, on_error: skip, workers: 3}
 model: {arch: resnet34, pretrained: none, input_size: 48, head_init: normal, zero_init_residual: true}
 loss: {name: softwing, units: pixels, wing: {omega: 1.0, epsilon: 0.5},
        softwing: {omega1: 1.0, omega2: 5.0, epsilon: 0.25}, smoothl1_beta: 0.5, outside_points: ignore}
 augment: {flip_prob: 0.1, scale_min: 0.9, scale_max: 1.1, rotation_deg: 30, rotation_prob: 0.2,
           shift_frac: 0.05, shift_prob: 0.4}
-train: {epochs: 7, batch_size: 5, lr: 0.01, weight_decay: 0.0001, warmup_iters: 3, warmup_ratio: 0.5,
-        schedule: cosine, milestones: [2, 4], gamma: 0.5, device: cpu, precision: fp32,
+train: {epochs: 7, batch_size: 5, drop_last: false, lr: 0.01, weight_decay: 0.0001, warmup_iters: 3,
+        warmup_ratio: 0.5, schedule: cosine, milestones: [2, 4], gamma: 0.5, device: cpu, precision: fp32,
         channels_last: false, compile: true, compile_cache: /c, seed: 4, resume: never,
         checkpoint_interval_s: 30, threads: 2}
 evaluate: {flip_test: false, batch_size: 6, device: cpu, precision: bf16, failure_threshold: 0.08,
@@ -157,12 +157,16 @@ predict: {upsample: 0, detect_max_side: 640, min_score: 0.5, refine: 2, batch_si
     assert params.data.source == "wflw" and params.data.synthetic.train_faces == 11
     assert params.data.wflw.timeout_s == 3.0 and isinstance(params.data.wflw.timeout_s, float)
     assert params.data.local.images_archive == "i.tgz" and params.data.local.annotations_archive is None
-    assert (params.convert.bbox, params.convert.crop_size, params.convert.on_error) == ("rect", 40, "skip")
+    assert (params.convert.bbox, params.convert.crop_size, params.convert.on_error) == (
+        "landmarks_ceil",
+        40,
+        "skip",
+    )
     assert params.convert.context == 2.0 and isinstance(params.convert.context, float)
     assert (params.model.arch, params.model.input_size) == ("resnet34", 48)
     assert (params.loss.name, params.loss.units, params.loss.softwing.omega2) == ("softwing", "pixels", 5.0)
     assert params.augment.rotation_deg == 30.0 and params.augment.shift_prob == 0.4
-    assert params.train.epochs == 7 and params.train.milestones == (2, 4)
+    assert params.train.epochs == 7 and params.train.milestones == (2, 4) and params.train.drop_last is False
     assert (params.train.schedule, params.train.resume, params.train.compile) == ("cosine", "never", True)
     assert params.train.compile_cache == "/c"
     assert params.evaluate.flip_test is False and params.evaluate.precision == "bf16"
@@ -199,7 +203,7 @@ def test_overrides_are_parsed_as_yaml_and_typed():
         ("convert.crop_sise=3", r"convert.crop_sise: unknown key"),
         ("nonsense_section.key=1", r"nonsense_section: unknown key"),
         ("convert.crop_size=big", r"convert.crop_size: expected int, found 'big'"),
-        ("convert.bbox=face", r"convert.bbox: must be one of landmarks, rect; found 'face'"),
+        ("convert.bbox=face", r"convert.bbox: must be one of landmarks, landmarks_ceil, rect; found 'face'"),
         ("convert.padding=0.5", r"convert.padding: must be >= 1"),
         ("data.source=local", r"data.local.images_archive: must be set when data.source is 'local'"),
         ("data.wflw.images_sha256=abc", r"data.wflw.images_sha256: must be 64 lowercase hex"),
@@ -313,6 +317,8 @@ def test_every_config_sets_the_compile_cache_and_an_empty_one_is_refused(tmp_pat
         ),
         (["model.head_init=zeros"], "model.head_init"),
         (["loss.outside_points=drop"], "loss.outside_points"),
+        (["train.drop_last=sometimes"], "train.drop_last"),
+        (["convert.bbox=landmarks_round"], "convert.bbox"),
     ],
 )
 def test_the_mmpose_choices_take_only_their_named_values(overrides, message):
@@ -328,3 +334,4 @@ def test_the_reference_config_takes_mmposes_value_for_each_named_choice():
         True,
     )
     assert reference.loss.outside_points == "ignore"
+    assert (reference.train.drop_last, reference.convert.bbox) == (False, "landmarks_ceil")

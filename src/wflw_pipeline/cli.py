@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench",
         add_help=False,
-        help="benchmarks: loader, train-step, epoch, start, precision, predict (see `wflw bench --help`)",
+        help="benchmarks: loader, train-step, epoch, start, precision, predict, ab (see `wflw bench --help`)",
     )
 
     for sub in (

@@ -7,7 +7,6 @@ run on a machine with the torch stack alone.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import shutil
@@ -18,7 +17,7 @@ from urllib.parse import urlparse
 
 from .data.wflw import ANNOTATIONS_ARCHIVE, IMAGES_ARCHIVE
 from .errors import PipelineError, TransientError
-from .fileio import atomic_path, write_json
+from .fileio import atomic_path, sha256_file, write_json
 from .params import DataParams, LocalSourceParams, SyntheticParams, WflwSourceParams
 from .progress import progress_bar
 from .retry import with_backoff
@@ -61,11 +60,6 @@ class _Archive:
 
 
 # ---------------------------------------------------------------- verification
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_gzip(path: Path, origin: str) -> None:

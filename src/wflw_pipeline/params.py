@@ -96,7 +96,7 @@ class DataParams:
 class ConvertParams:
     """How faces are cropped from the original images into Parquet."""
 
-    bbox: Literal["landmarks", "rect"]
+    bbox: Literal["landmarks", "landmarks_ceil", "rect"]
     padding: float
     context: float
     crop_size: int
@@ -201,6 +201,7 @@ class TrainParams:
 
     epochs: int
     batch_size: int
+    drop_last: bool
     lr: float
     weight_decay: float
     warmup_iters: int

@@ -4,7 +4,6 @@ with the alias `challenger`. With tracking off it records why nothing was regist
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -85,7 +84,10 @@ def _register(params: Params, inputs: RegisterInputs, out: RegisterOutputs) -> d
     _check_inputs(inputs)
     evaluation_path = inputs.evaluation.metrics
     evaluation = json.loads(evaluation_path.read_text())
-    outputs = {"wflw.evaluation": _sha256(evaluation_path), "wflw.model_sha256": _sha256(inputs.model)}
+    outputs = {
+        "wflw.evaluation": fileio.sha256_file(evaluation_path)[:16],
+        "wflw.model_sha256": fileio.sha256_file(inputs.model)[:16],
+    }
     tracking = connect(params.tracking)
     tracking.call("reach the tracking server", tracking.client.search_experiments, max_results=1)
     train_run = _train_run_id(inputs.train.run_ref)
@@ -123,7 +125,3 @@ def _register(params: Params, inputs: RegisterInputs, out: RegisterOutputs) -> d
         origin,
     )
     return result
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

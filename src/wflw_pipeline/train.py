@@ -28,7 +28,7 @@ from .core.geometry import View
 from .core.losses import loss_from_params
 from .core.metrics import mean_shape_nme, nme_per_face
 from .core.model import IMAGENET, build_model, save_atomic, save_trained
-from .core.optim import build_training, iters_per_epoch
+from .core.optim import build_training
 from .core.runtime import (
     Distributed,
     Precision,
@@ -40,7 +40,7 @@ from .core.runtime import (
 )
 from .data import augment
 from .data.contract import data_identity
-from .data.dataset import FaceSet, load_faces
+from .data.dataset import FaceSet, iters_per_epoch, load_faces
 from .errors import PipelineError, require_mlflow
 from .outputs import TrainOutputs, untracked
 from .params import Params, TrainParams
@@ -156,7 +156,9 @@ class _Run:
         ).to(device)
         self.precision = resolve_precision(config.precision, config.channels_last, device)
         self.model = self.model.to(memory_format=self.precision.memory_format())
-        self.iters_per_epoch = iters_per_epoch(len(train), config.batch_size * world.world_size)
+        self.iters_per_epoch = iters_per_epoch(
+            len(train), config.batch_size, world.world_size, config.drop_last
+        )
         self.optimizer, self.scheduler = build_training(self.model, config, device, self.iters_per_epoch)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -300,6 +302,7 @@ def _train(
                     view=run.view,
                     augmentation=params.augment,
                     batch_size=config.batch_size,
+                    drop_last=config.drop_last,
                     order_generator=order,
                     augment_generator=augmentation,
                     precision=run.precision,

@@ -31,13 +31,14 @@ def test_only_a_cpu_batch_of_the_same_size_is_reused():
     assert engine.reusable(torch.zeros(4, 3, 8, 8, device="meta"), 4) is None
 
 
-def _batches(faces, seed: int, batch_size: int, **ranks) -> engine.EpochBatches:
+def _batches(faces, seed: int, batch_size: int, drop_last: bool = True, **ranks) -> engine.EpochBatches:
     order, augmentation = engine.epoch_generators(seed, 0, ranks.get("rank", 0), torch.device("cpu"))
     return engine.EpochBatches(
         faces,
         view=engine.View(48, 1.5, 32),
         augmentation=default_params().augment,
         batch_size=batch_size,
+        drop_last=drop_last,
         order_generator=order,
         augment_generator=augmentation,
         precision=Precision(None, True),
@@ -64,6 +65,20 @@ def test_epoch_batches_give_each_rank_its_share_and_keep_a_short_set_whole():
     together = np.sort(np.concatenate([torch.cat(s).numpy() for s in shares]))
     assert [len(s) for s in shares] == [2, 2] and together.tolist() == list(range(8))
     assert len(_batches(random_faces(3, 48, 1.5, "cpu"), seed=0, batch_size=4)) == 1  # fewer than a batch
+
+
+def test_epoch_batches_keep_the_short_last_batch_unless_drop_last():
+    faces = random_faces(10, 48, 1.5, "cpu")
+    kept = _batches(faces, seed=3, batch_size=4, drop_last=False)
+    order, _ = engine.epoch_generators(3, 0, 0, torch.device("cpu"))
+    permutation = torch.randperm(10, generator=order)
+    assert [b.tolist() for b in kept.indices] == [b.tolist() for b in permutation.split(4)]  # 4, 4, 2
+    assert [len(x) for x, _ in kept] == [4, 4, 2]
+    one_left = random_faces(9, 48, 1.5, "cpu")
+    assert len(_batches(one_left, seed=3, batch_size=4, drop_last=False)) == 2
+    odd = random_faces(11, 48, 1.5, "cpu")  # 2 global batches of 4, then 3 faces topped up to 4: 2 a rank
+    shares = [_batches(odd, seed=0, batch_size=2, drop_last=False, rank=r, world_size=2) for r in (0, 1)]
+    assert [[len(b) for b in s.indices] for s in shares] == [[2, 2, 2], [2, 2, 2]]
 
 
 class _Constant(nn.Module):
@@ -181,6 +196,7 @@ def test_loss_falls_on_16_faces_within_a_few_steps():
                 view=view,
                 augmentation=NO_AUGMENT,
                 batch_size=16,
+                drop_last=True,
                 order_generator=order,
                 augment_generator=augmentation,
                 precision=Precision(None, channels_last=True),

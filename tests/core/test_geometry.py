@@ -25,8 +25,17 @@ def test_face_boxes_are_squares_on_the_longer_edge():
     points = np.array([[10.0, 20.0], [30.0, 60.0], [15.0, 30.0]])
     assert face_box(points, np.array([0, 0, 8, 4]), "landmarks") == (20.0, 40.0, 40.0)
     assert face_box(points, np.array([0, 0, 8, 4]), "rect") == (4.0, 2.0, 8.0)
-    with pytest.raises(ValueError, match="unknown bbox rule 'x': choose one of landmarks, rect"):
+    expected = "unknown bbox rule 'x': choose one of landmarks, landmarks_ceil, rect"
+    with pytest.raises(ValueError, match=f"^{expected}$"):
         face_box(points, np.array([0, 0, 8, 4]), "x")
+
+
+def test_the_mmpose_box_rounds_the_landmarks_side_up_to_a_whole_pixel_about_the_same_centre():
+    points = np.array([[10.25, 20.0], [30.5, 50.1], [15.0, 30.0]])  # extent 20.25 x 30.1
+    assert face_box(points, (), "landmarks") == pytest.approx((20.375, 35.05, 30.1))
+    assert face_box(points, (), "landmarks_ceil") == pytest.approx((20.375, 35.05, 31.0))
+    whole = np.array([[0.0, 0.0], [40.0, 20.0]])
+    assert face_box(whole, (), "landmarks_ceil") == face_box(whole, (), "landmarks") == (20.0, 10.0, 40.0)
 
 
 def test_a_warp_at_scale_one_and_a_whole_pixel_offset_copies_the_pixels():

@@ -48,12 +48,6 @@ def test_warm_up_starts_at_warmup_ratio_and_multiplies_the_decay():
     assert cosine(20) == pytest.approx(0.0)  # past the end it stays at 0
 
 
-def test_iters_per_epoch_counts_full_global_batches_only():
-    assert optim.iters_per_epoch(7500, 512) == 14
-    assert optim.iters_per_epoch(1024, 512) == 2
-    assert optim.iters_per_epoch(100, 512) == 1
-
-
 def test_build_training_is_adam_with_the_lambda_schedule_stepped_per_iteration():
     model = torch.nn.Linear(2, 1)
     config = replace(REFERENCE, lr=0.1, weight_decay=0.01, warmup_iters=2, warmup_ratio=0.5)

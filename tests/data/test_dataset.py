@@ -10,7 +10,7 @@ from helpers import tiny_parquet
 
 from wflw_pipeline.data import contract
 from wflw_pipeline.data.contract import ContractError
-from wflw_pipeline.data.dataset import DatasetError, batch_indices, load_faces, random_faces
+from wflw_pipeline.data.dataset import DatasetError, batch_indices, iters_per_epoch, load_faces, random_faces
 
 
 @pytest.fixture(scope="module")
@@ -74,22 +74,23 @@ def test_batch_indices_in_order_with_and_without_the_short_last_batch():
 def test_batch_indices_give_each_rank_every_world_sizeth_face_of_each_global_batch():
     # batch 2 per rank, 2 ranks: global batches [0, 1, 2, 3] and [4, 5, 6]
     shares = [[b.tolist() for b in batch_indices(7, 2, shuffle=False, rank=r, world_size=2)] for r in (0, 1)]
-    assert shares == [[[0, 2], [4, 6]], [[1, 3], [5]]]
+    assert shares == [[[0, 2], [4, 6]], [[1, 3], [5, 0]]]  # the short [4, 5, 6] topped up with face 0
     dropped = [
         [b.tolist() for b in batch_indices(7, 2, shuffle=False, drop_last=True, rank=r, world_size=2)]
         for r in (0, 1)
     ]
     assert dropped == [[[0, 2]], [[1, 3]]]
-    # 5 faces, batch 2 on 4 ranks: global batches [0..7] (short: 0-4); rank 3 gets [3], and nothing is empty
+    # 5 faces, batch 2 on 4 ranks: one short global batch, topped up with faces 0-2 to 8: 2 faces each
     assert [
         [b.tolist() for b in batch_indices(5, 2, shuffle=False, rank=r, world_size=4)] for r in range(4)
     ] == [
         [[0, 4]],
-        [[1]],
-        [[2]],
-        [[3]],
+        [[1, 0]],
+        [[2, 1]],
+        [[3, 2]],
     ]
-    assert list(batch_indices(3, 1, shuffle=False, rank=3, world_size=4)) == []  # no face left for rank 3
+    # every rank takes as many steps as the others: rank 3 of 4 gets face 0 again, not nothing
+    assert [b.tolist() for b in batch_indices(3, 1, shuffle=False, rank=3, world_size=4)] == [[0]]
 
 
 def test_shuffled_batch_indices_are_the_generators_permutation_in_batches():
@@ -110,3 +111,18 @@ def test_random_faces_have_a_splits_shapes_with_points_inside_the_central_view()
     assert faces.crop_to_image.shape == (5, 2, 3) and (faces.crop_to_image[:, :, :2] == np.eye(2)).all()
     again = random_faces(5, 48, 1.5, "cpu")  # from seed 0 each time
     assert torch.equal(faces.images, again.images) and torch.equal(faces.landmarks, again.landmarks)
+
+
+def test_iters_per_epoch_counts_full_global_batches_and_the_short_one_unless_dropped():
+    assert iters_per_epoch(7500, 512) == 14  # 7,500 = 14 x 512 + 332
+    assert iters_per_epoch(7500, 512, drop_last=False) == 15  # MMPose: the 332 make a 15th step
+    assert iters_per_epoch(7500, 64, world_size=8, drop_last=False) == 15
+    assert iters_per_epoch(1024, 512) == iters_per_epoch(1024, 512, drop_last=False) == 2
+    assert iters_per_epoch(100, 512) == iters_per_epoch(100, 512, drop_last=False) == 1
+
+
+def test_a_short_batch_of_one_face_per_process_is_dropped_even_when_kept():
+    assert iters_per_epoch(513, 512, drop_last=False) == 1  # 1 face left over
+    assert iters_per_epoch(514, 512, drop_last=False) == 2
+    assert iters_per_epoch(8 * 64 + 8, 64, world_size=8, drop_last=False) == 1  # 8 left: 1 a process
+    assert iters_per_epoch(8 * 64 + 9, 64, world_size=8, drop_last=False) == 2  # 9 left, topped up

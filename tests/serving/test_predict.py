@@ -19,7 +19,7 @@ from helpers import PARAMS_YAML, default_params, tiny_trained
 from PIL import Image
 
 from wflw_pipeline import cli, convert
-from wflw_pipeline.core.geometry import CropRule, square_box
+from wflw_pipeline.core.geometry import CropRule, face_box, square_box
 from wflw_pipeline.core.metrics import nme_per_face
 from wflw_pipeline.data import synthetic, wflw
 from wflw_pipeline.outputs import TrainOutputs
@@ -120,7 +120,7 @@ def test_a_landmark_model_is_recropped_around_its_points_and_a_rect_model_is_not
     image, (annotation, *_) = synthetic_image()
     truth = wflw.to_continuous(annotation.landmarks)
     box = Face((10.0, 10.0, 60.0, 60.0), None)
-    for bbox, passes in (("landmarks", 3), ("rect", 1)):
+    for bbox, passes in (("landmarks", 3), ("landmarks_ceil", 3), ("rect", 1)):
         rule = CropRule(bbox, 1.25, 1.5, 48)
         matrix = rule.matrix(square_box(truth.min(axis=0), truth.max(axis=0)))
         oracle = Recorder((truth - matrix[:, 2]) / matrix[0, 0], 48)
@@ -129,6 +129,21 @@ def test_a_landmark_model_is_recropped_around_its_points_and_a_rect_model_is_not
     # the first crop is around the box: centre (35, 35), side 50 x 1.25 x 1.5 = 93.75 px in 48
     first = np.array([[93.75 / 48, 0.0, 35 - 93.75 / 2], [0.0, 93.75 / 48, 35 - 93.75 / 2]])
     np.testing.assert_array_equal(oracle.shown[0][0], np.asarray(rule.warp(image, first)))
+
+
+def test_a_model_of_mmposes_box_is_recropped_around_its_points_by_that_box():
+    image, (annotation, *_) = synthetic_image()
+    truth = wflw.to_continuous(annotation.landmarks)
+    rule = CropRule("landmarks_ceil", 1.25, 1.5, 48)
+    box = Face((10.0, 10.0, 60.0, 60.0), None)
+    first = rule.matrix(square_box(np.array([10.0, 10.0]), np.array([60.0, 60.0])))
+    crop_points = (truth - first[:, 2]) / first[0, 0]  # the first pass finds the true points
+    oracle = Recorder(crop_points, 48)
+    landmarks([image], [[box]], oracle, rule, refine=1, batch_size=4)
+    side = face_box(truth, (), "landmarks")[2]
+    assert side != int(side)
+    second = rule.matrix(face_box(truth, (), "landmarks_ceil"))  # the side rounded up, as convert crops
+    np.testing.assert_array_equal(oracle.shown[1][0], np.asarray(rule.warp(image, second)))
 
 
 def test_bbox_is_read_in_wflws_pixel_convention():

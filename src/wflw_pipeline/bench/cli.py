@@ -59,6 +59,18 @@ def run(params: Params, args: argparse.Namespace, command: str) -> None:
         from .precision import run_precision
 
         run_precision(**common, checkpoint=Path(args.checkpoint), parquet=Path(args.parquet))
+    elif args.bench == "ab":
+        from .ab import parse_variant, run_ab
+
+        run_ab(
+            params_file=Path(args.params),
+            overrides=args.overrides,
+            variants=[parse_variant(tokens) for tokens in args.variants],
+            parquet=Path(args.parquet),
+            work_dir=Path(args.work),
+            out_dir=Path(args.out),
+            command=command,
+        )
     elif args.bench == "train-step":
         from .step import run_train_step
 
@@ -241,7 +253,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-timeout", type=float, default=900.0, help="seconds allowed per run (default: %(default)s)"
     )
 
-    for sub in (loader, step, epoch, precision, predict, start):
+    ab = modes.add_parser(
+        "ab",
+        help="what choices of params are worth in test NME: trainings A/B, paired bootstrap per face",
+        description="Trains and evaluates the params (the baseline) and, with the same seeds on the same "
+        "converted faces, the params with each --variant's overrides; compares each variant's per-face test "
+        "NME with the baseline's by the gate's paired bootstrap (registry.bootstrap_samples, confidence, "
+        "seed). Trainings go into --work/<name>/ and are not repeated when finished (train.resume: auto).",
+    )
+    ab.add_argument(
+        "--variant",
+        dest="variants",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar="NAME KEY=VALUE",
+        help="a name, then its overrides (repeatable), e.g. --variant mmpose_head model.head_init=normal",
+    )
+    ab.add_argument(
+        "--parquet", default="data/parquet", help="the converted splits to train and test on (%(default)s)"
+    )
+    ab.add_argument("--work", default="data/bench/ab", help="folder for the trainings (default: %(default)s)")
+
+    for sub in (loader, step, epoch, precision, predict, start, ab):
         sub.add_argument("--out", default="data/bench", help="folder for <mode>.json (default: %(default)s)")
         add_params_options(sub, default=BENCH_PARAMS)
     return bench

@@ -92,6 +92,7 @@ def endless_batches(
             view=view,
             augmentation=params.augment,
             batch_size=params.train.batch_size,
+            drop_last=params.train.drop_last,
             order_generator=order,
             augment_generator=augmentation,
             precision=precision,

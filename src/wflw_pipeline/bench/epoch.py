@@ -10,9 +10,8 @@ from typing import Any
 from .. import fileio
 from ..core import engine
 from ..core.losses import loss_from_params
-from ..core.optim import iters_per_epoch
 from ..core.runtime import compile_model
-from ..data.dataset import random_faces
+from ..data.dataset import iters_per_epoch, random_faces
 from ..params import Params
 from ..tables import format_table
 from .common import (
@@ -41,7 +40,7 @@ def run_epoch(
     device, precision = training_device(train)
     faceset = random_faces(faces, params.convert.crop_size, params.convert.context, device)
     view = engine.View(faceset.crop_size, faceset.context, model_params.input_size)
-    iters = iters_per_epoch(faces, batch_size)
+    iters = iters_per_epoch(faces, batch_size, drop_last=train.drop_last)
     model, optimizer, scheduler = build_training(params, device, precision, iters)
     step_model = compile_model(model, train.compile_cache) if train.compile else model
     loss_fn = loss_from_params(params.loss, model_params.input_size)
@@ -59,6 +58,7 @@ def run_epoch(
                 view=view,
                 augmentation=params.augment,
                 batch_size=batch_size,
+                drop_last=params.train.drop_last,
                 order_generator=order,
                 augment_generator=augment_gen,
                 precision=precision,

@@ -116,8 +116,7 @@ def measure(config: dict[str, Any], launched: float) -> dict[str, Any]:
     from ..core import engine, runtime
     from ..core.losses import loss_from_params
     from ..core.model import save_atomic
-    from ..core.optim import iters_per_epoch
-    from ..data.dataset import random_faces
+    from ..data.dataset import iters_per_epoch, random_faces
     from ..params import Params
     from .common import build_training, endless_batches, peak_memory, synchronize, training_device
 
@@ -142,7 +141,7 @@ def measure(config: dict[str, Any], launched: float) -> dict[str, Any]:
     synchronize(device)
     marks["data_to_device"] = time.time()
 
-    iters = iters_per_epoch(faces, train.batch_size)
+    iters = iters_per_epoch(faces, train.batch_size, drop_last=train.drop_last)
     model, optimizer, scheduler = build_training(params, device, precision, iters)
     model.train()
     step_model = runtime.compile_model(model, train.compile_cache) if train.compile else model

@@ -38,9 +38,10 @@ from .. import fileio
 from ..core import engine
 from ..core.losses import loss_from_params
 from ..core.model import DeepPose
-from ..core.optim import iters_per_epoch, lr_factor
+from ..core.optim import lr_factor
 from ..core.runtime import Precision, compile_model
 from ..data import wflw
+from ..data.dataset import iters_per_epoch
 from ..params import Params
 from ..tables import format_table
 from .common import (
@@ -362,7 +363,7 @@ def prepare(
     run its first step (timed: compile included) and its warm-up (their losses in `setup_losses`)."""
     started = time.perf_counter()
     batch_size = len(inputs)
-    iters = iters_per_epoch(params.data.synthetic.train_faces, batch_size)
+    iters = iters_per_epoch(params.data.synthetic.train_faces, batch_size, drop_last=params.train.drop_last)
     build = build_graph_training if variant.graph else build_training
     model, optimizer, scheduler = build(params, device, precision, iters)
     model.train()

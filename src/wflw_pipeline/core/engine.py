@@ -3,6 +3,7 @@ model: no file I/O, no params files."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ..data import augment, wflw
-from ..data.dataset import FaceSet, batch_indices
+from ..data.dataset import FaceSet, batch_indices, iters_per_epoch
 from ..errors import PipelineError
 from ..params import AugmentParams
 from ..progress import progress_bar
@@ -140,6 +141,7 @@ class EpochBatches:
         view: View,
         augmentation: AugmentParams,
         batch_size: int,
+        drop_last: bool,
         order_generator: torch.Generator,
         augment_generator: torch.Generator,
         precision: Precision,
@@ -148,18 +150,11 @@ class EpochBatches:
     ) -> None:
         self.faces, self.view, self.augmentation, self.precision = faces, view, augmentation, precision
         self.augment_generator, self.world_size = augment_generator, world_size
-        self.indices = _on_device(
-            batch_indices(
-                len(faces),
-                batch_size,
-                shuffle=True,
-                generator=order_generator,
-                drop_last=len(faces) >= batch_size * world_size,
-                rank=rank,
-                world_size=world_size,
-            ),
-            faces.images.device,
+        steps = iters_per_epoch(len(faces), batch_size, world_size, drop_last)
+        indices = batch_indices(
+            len(faces), batch_size, shuffle=True, generator=order_generator, rank=rank, world_size=world_size
         )
+        self.indices = _on_device(itertools.islice(indices, steps), faces.images.device)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -3,6 +3,7 @@ them (continuous pixels throughout; the README explains the pixel convention).""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,8 +11,11 @@ from PIL import Image
 
 from ..params import ConvertParams
 
-BBOX_RULES: tuple[str, ...] = ("landmarks", "rect")
-"""How a face box is found: the extent of the landmarks (the reference protocol) or a given rectangle."""
+BBOX_RULES: tuple[str, ...] = ("landmarks", "landmarks_ceil", "rect")
+"""How a face box is found: the extent of the landmarks (the reference protocol), the same with its side
+rounded up to a whole pixel (MMPose's WFLW annotations), or a given rectangle."""
+LANDMARK_RULES: tuple[str, ...] = ("landmarks", "landmarks_ceil")
+"""The rules that box the landmarks themselves: predict can re-crop around the points it predicted."""
 
 Box = tuple[float, float, float]
 """A square face box: centre x, centre y, side."""
@@ -26,8 +30,9 @@ def square_box(lo: np.ndarray, hi: np.ndarray) -> Box:
 
 def face_box(landmarks: np.ndarray, rect: np.ndarray, bbox: str) -> Box:
     """The square face box (before padding) by rule `bbox`: `landmarks` extent or the `rect` x0 y0 x1 y1."""
-    if bbox == "landmarks":
-        return square_box(landmarks.min(axis=0), landmarks.max(axis=0))
+    if bbox in LANDMARK_RULES:
+        cx, cy, side = square_box(landmarks.min(axis=0), landmarks.max(axis=0))
+        return (cx, cy, float(math.ceil(side))) if bbox == "landmarks_ceil" else (cx, cy, side)
     if bbox == "rect":
         rect = np.asarray(rect, np.float64)
         return square_box(rect[:2], rect[2:])

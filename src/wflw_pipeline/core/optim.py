@@ -27,11 +27,6 @@ def lr_factor(config: TrainParams, iters_per_epoch: int) -> Callable[[int], floa
     return factor
 
 
-def iters_per_epoch(faces: int, global_batch: int) -> int:
-    """Optimisation steps per epoch: full global batches only (the short last one is dropped), at least 1."""
-    return max(1, faces // global_batch)
-
-
 def build_optimizer(model: nn.Module, config: TrainParams, device: torch.device) -> torch.optim.Optimizer:
     """Adam as the reference; on CUDA the fused kernel (one launch for every parameter, same maths)."""
     fused = device.type == "cuda"

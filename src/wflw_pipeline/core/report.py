@@ -115,6 +115,7 @@ def results_markdown(metrics: dict[str, Any], context: ReportContext) -> str:
 
 _BBOX_WORDS = {
     "landmarks": "the extent of the ground-truth landmarks, the reference protocol",
+    "landmarks_ceil": "the extent of the ground-truth landmarks, its side rounded up to a pixel, as MMPose",
     "rect": "the annotation's detection rectangle",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import io
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -95,16 +96,27 @@ def batch_indices(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[torch.Tensor]:
-    """Index batches of one epoch; with DDP each rank takes its share of every global batch."""
+    """Index batches of one epoch; with DDP each rank takes its share of every global batch. A short last
+    batch is topped up with the epoch's first faces to a multiple of world_size (as PyTorch's and MMPose's
+    distributed samplers pad), so that every rank takes the same number of steps."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     global_batch = batch_size * world_size
     for start in range(0, n, global_batch):
         chunk = order[start : start + global_batch]
-        if drop_last and len(chunk) < global_batch:
-            return
-        mine = chunk[rank::world_size]
-        if len(mine):
-            yield mine
+        if len(chunk) < global_batch:
+            if drop_last:
+                return
+            chunk = torch.cat([chunk, order[: -len(chunk) % world_size]])
+        yield chunk[rank::world_size]
+
+
+def iters_per_epoch(faces: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
+    """Optimisation steps per epoch: the full global batches, then the short last one unless `drop_last`
+    (it is kept as well when there is no full one). A short batch that would give each process a single
+    face is dropped all the same: BatchNorm cannot train on one face where the last stage is 1 x 1."""
+    full, rest = divmod(faces, batch_size * world_size)
+    short = rest > 0 and (full == 0 or (not drop_last and math.ceil(rest / world_size) > 1))
+    return full + short
 
 
 def random_faces(n: int, crop_size: int, context: float, device: torch.device | str) -> FaceSet:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from .. import fileio
-from ..core.geometry import CropRule, crop_to_image, square_box
+from ..core.geometry import LANDMARK_RULES, CropRule, crop_to_image, face_box, square_box
 from ..core.runtime import resolve_device
 from ..data import wflw
 from ..errors import EXIT_REFUSED, PipelineError
@@ -221,11 +221,11 @@ def landmarks(
     """Each image's faces' landmarks (F, 98, 2) in continuous image pixels, all faces in batches."""
     owners = [i for i, faces in enumerate(boxes) for _ in faces]
     matrices = [rule.matrix(square_box(f.box[:2], f.box[2:])) for faces in boxes for f in faces]
-    passes = 1 + (refine if rule.bbox == "landmarks" else 0)
+    passes = 1 + (refine if rule.bbox in LANDMARK_RULES else 0)
     points = np.zeros((0, wflw.NUM_POINTS, 2))
     for step in range(passes if matrices else 0):
         if step:
-            matrices = [rule.matrix(square_box(p.min(axis=0), p.max(axis=0))) for p in points]
+            matrices = [rule.matrix(face_box(p, (), rule.bbox)) for p in points]
         crops = np.stack([np.asarray(rule.warp(images[i], m)) for i, m in zip(owners, matrices, strict=True)])
         crop_points = predictor.predict(crops, batch_size=batch_size)
         points = crop_to_image(crop_points, np.stack(matrices))

@@ -283,18 +283,24 @@ def test_history_lr_is_the_rate_each_epoch_trained_with(tmp_path, parquet_dir):
     assert [f"{row['train_loss']:.6g}" for row in rows] == [row[2] for row in history]
 
 
-def test_training_with_compile_compiles_once_across_epochs_and_validation(tmp_path, parquet_dir, monkeypatch):
-    """2 epochs of 8 faces at batch 3 with a val split: the short last batch (2 faces) is dropped and
-    validation runs on the uncompiled module, so Dynamo never recompiles. (Dynamo decides recompiles
-    whatever the backend: a counting backend stands in for Inductor to keep this fast.)"""
+@pytest.mark.parametrize(("drop_last", "shapes"), [(True, [3]), (False, [3, 2])])
+def test_training_with_compile_compiles_each_batch_shape_once_across_epochs_and_validation(
+    tmp_path, parquet_dir, monkeypatch, drop_last, shapes
+):
+    """2 epochs of 8 faces at batch 3 with a val split: one static graph for the full batch of 3, and one
+    for the short last batch of 2 where it is kept; validation runs on the uncompiled module. (Dynamo
+    decides recompiles whatever the backend: a counting backend stands in for Inductor to keep this
+    fast.)"""
     graphs = []
 
     def counting_backend(graph, example_inputs):
-        graphs.append([tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)])
+        graphs.append([tuple(x.shape) if isinstance(x, torch.Tensor) else type(x) for x in example_inputs])
         return graph.forward
 
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend))
+    monkeypatch.setattr(
+        torch, "compile", lambda model, options, **kw: real_compile(model, backend=counting_backend, **kw)
+    )
     monkeypatch.setenv(runtime.COMPILE_CACHE_ENV, "/unset")  # restored after the test
     base = default_params()
     params = replace(
@@ -308,16 +314,19 @@ def test_training_with_compile_compiles_once_across_epochs_and_validation(tmp_pa
             device="cpu",
             compile=True,
             compile_cache=str(tmp_path / "cache"),
+            drop_last=drop_last,
         ),
     )
     torch._dynamo.reset()
     try:
-        with torch._dynamo.config.patch(error_on_recompile=True):
+        with torch._dynamo.config.patch(error_on_recompile=drop_last):
             metrics = train.run_train(params, parquet_dir, TrainOutputs(tmp_path / "m", tmp_path / "t"))
     finally:
         torch._dynamo.reset()
     assert metrics["epochs"] == 2 and metrics["val_nme"] is not None  # both epochs validated
-    assert len(graphs) == 1 and (3, 3, 32, 32) in graphs[0]  # one graph, for the full batch of 3
+    assert len(graphs) == len(shapes)
+    assert all((n, 3, 32, 32) in graph for n, graph in zip(shapes, graphs, strict=True))
+    assert all(isinstance(shape, tuple) for graph in graphs for shape in graph)  # static: no symbolic size
     assert os.environ[runtime.COMPILE_CACHE_ENV] == str(tmp_path / "cache")
 
 

@@ -147,9 +147,10 @@ def compile_model(
 ) -> nn.Module:
     """`torch.compile(model)` with its caches in `cache` (setup_compile_cache); `options`: Inductor's.
 
-    The one compile of the package: train compiles its model once per run (every training batch has one
-    size, and validation runs on the uncompiled module, so eval mode never reaches the graph).
+    The one compile of the package. Shapes are static: train's full batches make one graph, and a short
+    last batch (train.drop_last: false) one more, rather than a dynamic-shape graph for every batch;
+    validation runs on the uncompiled module, so eval mode never reaches a graph.
     """
     folder = setup_compile_cache(cache, key)
     logger.info("torch.compile, caches in %s", folder or "torch's default location")
-    return torch.compile(model, options=options)
+    return torch.compile(model, dynamic=False, options=options)

@@ -203,17 +203,18 @@ class TrainTracker:
 def close_abandoned(tracking: Tracking, experiment: str) -> None:
     """Mark KILLED the RUNNING runs of `experiment` that a process of this workspace on this machine opened
     and that is gone (killed before it could close its run)."""
-    host, _, checkout = provenance.process_tags().values()
+    mine = provenance.process_tags()
     running = tracking.call(
         "look for interrupted runs",
         tracking.client.search_runs,
         [experiment],
-        f"attributes.status = 'RUNNING' and tags.`wflw.host` = '{host}'",
+        f"attributes.status = 'RUNNING' and tags.`{provenance.HOST_TAG}` = '{mine[provenance.HOST_TAG]}'",
     )
     for run in running:
         tags = run.data.tags
-        pid = tags.get("wflw.pid", "")
-        if tags.get("wflw.checkout") != checkout or not pid.isdigit() or fileio.process_running(int(pid)):
+        pid = tags.get(provenance.PID_TAG, "")
+        same_checkout = tags.get(provenance.CHECKOUT_TAG) == mine[provenance.CHECKOUT_TAG]
+        if not same_checkout or not pid.isdigit() or fileio.process_running(int(pid)):
             continue
         tracking.call("close the interrupted run", tracking.client.set_terminated, run.info.run_id, "KILLED")
         logger.info("MLflow: run %s of a killed process (pid %s) marked KILLED", run.info.run_id, pid)

@@ -92,13 +92,13 @@ def dvc_stage_tags(lock_path: Path) -> dict[str, str]:
     }
 
 
-PROCESS_TAGS = ("wflw.host", "wflw.pid", "wflw.checkout")
+HOST_TAG, PID_TAG, CHECKOUT_TAG = PROCESS_TAGS = ("wflw.host", "wflw.pid", "wflw.checkout")
 """The process that opened a run: the machine, its pid and the workspace root."""
 
 
 def process_tags() -> dict[str, str]:
     """PROCESS_TAGS of this process: what tells a run whose process was killed from one still running."""
-    return dict(zip(PROCESS_TAGS, (socket.gethostname(), str(os.getpid()), str(project_root())), strict=True))
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), CHECKOUT_TAG: str(project_root())}
 
 
 def caller_tags(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

@@ -335,3 +335,16 @@ def test_the_reference_config_takes_mmposes_value_for_each_named_choice():
     )
     assert reference.loss.outside_points == "ignore"
     assert (reference.train.drop_last, reference.convert.bbox) == (False, "landmarks_ceil")
+
+
+def test_the_tuned_config_is_the_reference_but_for_the_choices_the_ab_measured_better():
+    reference = yaml.safe_load((ROOT / "configs" / "deeppose_res50_wingloss_wflw.yaml").read_text())
+    tuned = yaml.safe_load((ROOT / "configs" / "deeppose_res50_wingloss_wflw_tuned.yaml").read_text())
+    changed = {
+        f"{section}.{key}": (value, tuned[section][key])
+        for section, values in reference.items()
+        for key, value in values.items()
+        if tuned[section][key] != value
+    }
+    assert changed == {"model.head_init": ("normal", "mean_shape"), "train.drop_last": (False, True)}
+    assert tuned.keys() == reference.keys()

@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains and evaluates the params (the baseline) and, with the same seeds on the same "
         "converted faces, the params with each --variant's overrides; compares each variant's per-face test "
         "NME with the baseline's by the gate's paired bootstrap (registry.bootstrap_samples, confidence, "
-        "seed). Trainings go into --work/<name>/ and are not repeated when finished (train.resume: auto).",
+        "seed). Trainings go into --work/<name>/; a finished one of the same params and splits is reused.",
     )
     ab.add_argument(
         "--variant",

@@ -58,7 +58,7 @@ def run_epoch(
                 view=view,
                 augmentation=params.augment,
                 batch_size=batch_size,
-                drop_last=params.train.drop_last,
+                drop_last=train.drop_last,
                 order_generator=order,
                 augment_generator=augment_gen,
                 precision=precision,

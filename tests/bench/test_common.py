@@ -22,14 +22,18 @@ from wflw_pipeline.data.dataset import random_faces
 
 
 def test_bench_is_in_no_stage_and_its_own_closure_holds_the_engine():
-    """Other stages never depend on bench (dvc deps, train's code digest); `wflw bench` runs engine.py."""
+    """Other stages never depend on bench (dvc deps, train's code digest); `wflw bench` runs engine.py; the
+    speed modes time the engine itself, and only `bench ab` trains and evaluates as the stages do."""
     package = ROOT / "src" / "wflw_pipeline"
     for stage in ("fetch", "convert", "train", "evaluate", "preview"):
         assert not [p for p in stage_code.stage_sources(stage) if "bench" in p.relative_to(package).parts]
     own = {str(p.relative_to(package)) for p in stage_code.stage_sources("bench")}
     expected = {"bench/__init__.py", "bench/cli.py", "bench/common.py", "bench/loader.py", "bench/step.py"}
-    assert expected | {"bench/epoch.py", "core/engine.py", "core/optim.py"} <= own
-    assert "train.py" not in own
+    assert expected | {"bench/epoch.py", "bench/ab.py", "core/engine.py", "core/optim.py"} <= own
+    speed_modes = ("common", "epoch", "loader", "precision", "predict", "start", "step")
+    speed = stage_code.closure(f"wflw_pipeline.bench.{mode}" for mode in speed_modes)
+    assert not {"wflw_pipeline.train", "wflw_pipeline.evaluate"} & speed
+    assert {"wflw_pipeline.train", "wflw_pipeline.evaluate"} <= stage_code.closure(["wflw_pipeline.bench.ab"])
 
 
 def test_the_gpu_path_imports_only_the_torch_stack():
@@ -37,7 +41,7 @@ def test_the_gpu_path_imports_only_the_torch_stack():
     code = (
         "import sys; from wflw_pipeline import cli, train, evaluate, convert; "
         "from wflw_pipeline.data import synthetic; from wflw_pipeline.core import engine; "
-        "from wflw_pipeline.bench import cli as bench_cli, common, epoch, loader, step; "
+        "from wflw_pipeline.bench import ab, cli as bench_cli, common, epoch, loader, step; "
         "cli.build_parser(); bench_cli.build_parser(); "
         "bad = [m for m in ('requests', 'gdown', 'dvc', 'mlflow', 'prefect') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"

@@ -25,32 +25,45 @@ GREY = 57.4  # one unit of a normalised input is about this many grey levels (Im
 PADDING = default_params().convert.padding
 
 
-@pytest.fixture(scope="module")
-def bench_data(tmp_path_factory) -> loader.BenchData:
-    work = tmp_path_factory.mktemp("bench")
+def _data(work, bbox: str) -> loader.BenchData:
     base = default_params()
     synthetic = replace(base.data.synthetic, min_image_size=160, max_image_size=220)
     params = replace(
         base,
         data=replace(base.data, synthetic=synthetic),
-        convert=replace(base.convert, crop_size=CROP, context=CONTEXT),
+        convert=replace(base.convert, crop_size=CROP, context=CONTEXT, bbox=bbox),
     )
     return loader.prepare_data(work, params, faces=10)
 
 
-def _both_loaders(data: loader.BenchData, params: augment.ViewParams):
-    """Our batch and the reference-style per-sample batch of every face, seen through `params`."""
+@pytest.fixture(scope="module")
+def bench_data(tmp_path_factory) -> loader.BenchData:
+    return _data(tmp_path_factory.mktemp("bench"), "landmarks")
+
+
+def _both_loaders(data: loader.BenchData, params: augment.ViewParams, bbox: str = "landmarks"):
+    """Our batch and the reference-style per-sample batch (boxed by `bbox`) of every face, seen through
+    `params`."""
     faces = load_faces(data.parquet)
     n = len(faces)
     view = engine.View(faces.crop_size, faces.context, INPUT)
     ours = engine.inputs_and_targets(faces, torch.arange(n), view, params, Precision(None, False))
     paths, landmarks = data.records()
     dataset = loader.ReferenceStyleDataset(
-        paths, landmarks, augmentation=None, padding=PADDING, out_size=INPUT, views=params
+        paths, landmarks, augmentation=None, bbox=bbox, padding=PADDING, out_size=INPUT, views=params
     )
     samples = [dataset[i] for i in range(n)]
     baseline = tuple(torch.stack(parts) for parts in zip(*samples, strict=True))
     return ours, baseline
+
+
+def test_the_baseline_boxes_each_face_by_the_rule_convert_cropped_it_with(tmp_path):
+    data = _data(tmp_path, "landmarks_ceil")  # MMPose's box: the side rounded up to a whole pixel
+    params = augment.draw_params(10, generator=torch.Generator().manual_seed(3), device="cpu")
+    (_, ours_y), (_, base_y) = _both_loaders(data, params, bbox="landmarks_ceil")
+    assert (base_y - ours_y).abs().max().item() * INPUT < 1e-3
+    (_, ours_y), (_, exact_y) = _both_loaders(data, params, bbox="landmarks")
+    assert (exact_y - ours_y).abs().max().item() * INPUT > 1e-2  # the other box is visibly off
 
 
 @pytest.mark.parametrize("views", ["identity", "random"])
@@ -92,11 +105,13 @@ def test_baseline_draws_a_new_augmentation_per_sample(bench_data):
     paths, landmarks = bench_data.records()
     augmentation = default_params().augment
     dataset = loader.ReferenceStyleDataset(
-        paths, landmarks, augmentation=augmentation, padding=PADDING, out_size=INPUT
+        paths, landmarks, augmentation=augmentation, bbox="landmarks", padding=PADDING, out_size=INPUT
     )
     first, second = dataset[0], dataset[0]
     assert not torch.equal(first[0], second[0])
-    plain = loader.ReferenceStyleDataset(paths, landmarks, augmentation=None, padding=PADDING, out_size=INPUT)
+    plain = loader.ReferenceStyleDataset(
+        paths, landmarks, augmentation=None, bbox="landmarks", padding=PADDING, out_size=INPUT
+    )
     assert torch.equal(plain[0][0], plain[0][0])
 
 
@@ -104,7 +119,7 @@ def test_baseline_loader_batches_like_ours(bench_data):
     paths, landmarks = bench_data.records()
     augmentation = default_params().augment
     dataset = loader.ReferenceStyleDataset(
-        paths, landmarks, augmentation=augmentation, padding=PADDING, out_size=INPUT
+        paths, landmarks, augmentation=augmentation, bbox="landmarks", padding=PADDING, out_size=INPUT
     )
     batches = list(
         loader.baseline_loader(dataset, batch_size=4, batches=3, workers=1, pin_memory=False, seed=0)

@@ -134,7 +134,7 @@ def test_a_point_a_rotation_pushed_off_the_input_adds_nothing_to_the_loss_or_its
 
 def test_loss_from_params_passes_outside_points():
     config = default_params().loss
-    assert loss_from_params(config, 64).outside == "count"
+    assert loss_from_params(replace(config, outside_points="count"), 64).outside == "count"
     assert loss_from_params(replace(config, outside_points="ignore"), 64).outside == "ignore"
     with pytest.raises(ValueError, match="outside must be one of count, ignore, got 'drop'"):
         WingLoss(outside="drop")

@@ -20,6 +20,7 @@ from PIL import Image
 
 from .. import fileio
 from ..core import engine
+from ..core.geometry import LANDMARK_RULES, face_box
 from ..core.runtime import Precision
 from ..data import augment, wflw
 from ..data.dataset import FaceSet, load_faces
@@ -67,7 +68,10 @@ def prepare_data(work_dir: Path, params: Params, faces: int) -> BenchData:
 
     Reused when `work_dir` already holds data made with the same settings.
     """
-    require(params.convert.bbox == "landmarks", "bench loader: the baseline crops by convert.bbox=landmarks")
+    require(
+        params.convert.bbox in LANDMARK_RULES,
+        f"bench loader: the baseline crops around the landmarks (convert.bbox: {', '.join(LANDMARK_RULES)})",
+    )
     work_dir = Path(work_dir)
     synthetic = replace(params.data.synthetic, train_faces=faces, test_faces=1)
     convert = replace(params.convert, val_fraction=0.0)
@@ -111,22 +115,23 @@ def reference_matrix(
     scale: float,
     angle: float,
     shift: tuple[float, float],
+    bbox: str,
     padding: float,
     out_size: int,
 ) -> np.ndarray:
     """(2, 3) affine: output pixel -> ORIGINAL image pixel, for one face, as the reference builds it.
 
-    The face box is the extent of the landmarks (centre, side = max(w, h)) padded by `padding`; the
+    The face box is the landmarks' box by rule `bbox` (geometry.face_box) padded by `padding`; the
     view is that square moved by `shift` x side, scaled by `scale`, turned by `angle` and mirrored,
     exactly the geometry `augment.view_matrices` applies to a stored crop.
     """
-    lo, hi = landmarks_image.min(axis=0), landmarks_image.max(axis=0)
-    side = float((hi - lo).max()) * padding
+    cx, cy, side = face_box(landmarks_image, (), bbox)
+    side *= padding
     step = scale * side / out_size
     cos, sin = math.cos(angle) * step, math.sin(angle) * step
     mirror = -1.0 if flip else 1.0
     linear = np.array([[cos * mirror, -sin], [sin * mirror, cos]])
-    centre = (lo + hi) / 2.0 + np.asarray(shift) * side
+    centre = np.array([cx, cy]) + np.asarray(shift) * side
     translation = centre - linear.sum(axis=1) * (out_size / 2)
     return np.concatenate([linear, translation[:, None]], axis=1)
 
@@ -150,13 +155,14 @@ class ReferenceStyleDataset(torch.utils.data.Dataset):
         landmarks_image: np.ndarray,
         *,
         augmentation: AugmentParams | None,
+        bbox: str,
         padding: float,
         out_size: int,
         seed: int = 0,
         views: augment.ViewParams | None = None,
     ) -> None:
         self.paths = [str(p) for p in image_paths]
-        self.padding = padding
+        self.bbox, self.padding = bbox, padding
         self.landmarks = np.asarray(landmarks_image, np.float64)
         self.augmentation = augmentation
         self.out_size = out_size
@@ -209,6 +215,7 @@ class ReferenceStyleDataset(torch.utils.data.Dataset):
             scale=scale,
             angle=angle,
             shift=shift,
+            bbox=self.bbox,
             padding=self.padding,
             out_size=self.out_size,
         )
@@ -330,6 +337,7 @@ def run_loader(
         paths,
         landmarks,
         augmentation=params.augment,
+        bbox=params.convert.bbox,
         padding=params.convert.padding,
         out_size=input_size,
         seed=seed,

@@ -3,6 +3,8 @@ Prefect flow reads ($WFLW_ERROR_FILE), and the one-line error where MLflow is no
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -94,3 +96,29 @@ def test_sigterm_within_the_block_is_an_interrupt_exiting_143_and_the_old_handle
     assert isinstance(raised.value, KeyboardInterrupt) and raised.value.signum == signal.SIGTERM
     assert interrupted_exit_code(raised.value) == 143 and interrupted_exit_code(KeyboardInterrupt()) == 130
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _wait_where_python_runs_no_handler(ready) -> None:
+    """Block in C for ever, as a pool worker does between its last signal check and its semaphore wait."""
+    mutex = ctypes.create_string_buffer(64)  # zeros: PTHREAD_MUTEX_INITIALIZER
+    libc = ctypes.CDLL(None)
+    libc.pthread_mutex_lock(mutex)
+    ready.set()
+    libc.pthread_mutex_lock(mutex)
+
+
+def test_a_process_forked_within_the_block_dies_of_sigterm_even_while_it_waits_in_c():
+    """multiprocessing.Pool.terminate() SIGTERMs its forked workers. With the parent's Python handler,
+    a worker that the signal reached just before its semaphore wait never ran it, and the pool's exit
+    waited for that worker for ever (what hung `wflw fetch`'s synthetic renderer about once in 70 runs)."""
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    with signals_interrupt():
+        child = context.Process(target=_wait_where_python_runs_no_handler, args=(ready,))
+        child.start()
+        ready.wait()
+        child.terminate()
+        child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == -signal.SIGTERM

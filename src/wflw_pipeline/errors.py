@@ -62,6 +62,16 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def _sigterm_as_by_default_in_a_forked_child() -> None:
+    """A forked child (a multiprocessing worker) dies of SIGTERM at once, as its pool expects: a Python
+    handler runs only between bytecodes, so one that reached a worker about to wait in C was lost."""
+    if signal.getsignal(signal.SIGTERM) is _raise_interrupted:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_sigterm_as_by_default_in_a_forked_child)
+
+
 def interrupted_exit_code(err: KeyboardInterrupt) -> int:
     """128 + the signal that interrupted the command (SIGINT when it was a plain KeyboardInterrupt)."""
     return EXIT_SIGNAL_BASE + getattr(err, "signum", signal.SIGINT)

@@ -7,7 +7,7 @@
 # `make serve`: serve deployment train-wflw/local from this checkout (`make serve DEPLOYMENT=name` for another).
 # `make worker`: create work pool `wflw` (process), deploy prefect.yaml's train-wflw/process, start a worker.
 #   Then: `PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run train-wflw/local --watch`.
-# `make lock`: re-resolve requirements.lock from pyproject.toml (the dev extra included) to the newest allowed
+# `make lock`: re-resolve requirements.lock from pyproject.toml (the dev and s3 extras included) to the newest allowed
 #   releases with pip-tools' pip-compile, run from a throwaway venv; `make lock LOCK_FLAGS=` keeps the current pins
 #   that still fit and only adds/drops what pyproject.toml changed. .venv installs exactly the lock (see $(STAMP)).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -99,7 +99,7 @@ lock:
 	$(PYTHON) -m venv "$$tmp" && \
 	"$$tmp/bin/python" -m pip install --quiet $(LOCK_TOOLS) && \
 	printf '%s\n' $(LOCK_PINS) | CUSTOM_COMPILE_COMMAND='make lock' "$$tmp/bin/pip-compile" $(LOCK_FLAGS) \
-		--quiet --extra dev --allow-unsafe --strip-extras --generate-hashes --no-emit-index-url \
+		--quiet --extra dev --extra s3 --allow-unsafe --strip-extras --generate-hashes --no-emit-index-url \
 		--no-emit-find-links --output-file $(LOCK) pyproject.toml -
 
 clean:

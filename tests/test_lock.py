@@ -1,6 +1,6 @@
 """requirements.lock is complete and is what .venv holds. `pip check` (run by the install) sees every plain
 requirement, but not what an extra asks for (prefect needs `httpx[http2]`, so h2 must be locked): walked here,
-from the project and its dev extra down."""
+from the project and its extras (dev, s3) down."""
 
 from __future__ import annotations
 
@@ -56,8 +56,9 @@ def _installed_requires(name: str) -> list[str]:
 def test_the_lock_holds_everything_the_project_and_its_extras_need():
     pins = locked_pins(LOCK.read_text())
 
-    assert gaps([("wflw_pipeline", frozenset({"dev"}))], pins, _installed_requires) == []
+    assert gaps([("wflw_pipeline", frozenset({"dev", "s3"}))], pins, _installed_requires) == []
     assert {"httpx", "h2"} <= pins.keys()  # prefect's httpx[http2]
+    assert {"dvc-s3", "boto3", "moto", "flask-cors"} <= pins.keys()  # the S3 extra, moto[server]
 
 
 def test_the_venv_holds_exactly_the_locked_versions():

@@ -31,6 +31,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from wflw_pipeline.data.wflw import SUBSETS
 from wflw_pipeline.errors import ERROR_FILE_ENV, EXIT_REFUSED, EXIT_TEMPFAIL, read_error_file
@@ -254,6 +255,13 @@ def save_experiment(workspace: Path, env: dict[str, str], name: str) -> None:
     checked("dvc exp save", dvc("exp", "save", "--force", "-n", name), workspace, env)
 
 
+KEPT = (
+    "the run's results are kept: its outputs in the workspace and its DVC cache, its MLflow run and model "
+    "version; `dvc push --run-cache` or a rerun of the flow, which runs no stage again, pushes them"
+)
+"""What a run whose push failed still has, and how to push it."""
+
+
 @task(task_run_name="push", cache_policy=NO_CACHE)
 def push(workspace: Path, env: dict[str, str], remote: str) -> None:
     """`dvc push` of the outputs and the run cache, so other clones and workers start from them."""
@@ -287,10 +295,19 @@ def model_url(registered: dict[str, Any]) -> str | None:
     return f"{uri.rstrip('/')}/#/models/{registered['model_name']}/versions/{registered['version']}"
 
 
+def push_line(remote: str | None, push_error: str | None) -> str:
+    """The run page's line on the DVC remote: not set, pushed, or why the push failed."""
+    if remote is None:
+        return "none (`dvc remote add -d`): nothing pushed"
+    if push_error is None:
+        return f"`{remote}`: outputs and run cache pushed"
+    return f"`{remote}`: **push failed**: {push_error} ({KEPT})"
+
+
 def outcome_markdown(
-    results_md: str, registered: dict[str, Any], promoted: bool | None, experiment: str
+    results_md: str, registered: dict[str, Any], promoted: bool | None, experiment: str, pushed: str
 ) -> str:
-    """The run page's summary: evaluate's results table, the MLflow run and version, the promotion."""
+    """The run page's summary: evaluate's results table, the MLflow run and version, the promotion, the push."""
     run = registered.get("run_id")
     run_ref = f"[{run}]({registered['run_url']})" if registered.get("run_url") else f"`{run}`"
     version = f"{registered.get('model_name')} version {registered.get('version')}"
@@ -303,6 +320,7 @@ def outcome_markdown(
         f"- MLflow run: {run_ref} ({registered.get('tracking_uri')})",
         f"- Registered model: {version_ref}",
         f"- Promotion: {promotion}",
+        f"- DVC remote: {pushed}",
         "",
         results_md,
     ]
@@ -310,7 +328,9 @@ def outcome_markdown(
 
 
 @task(task_run_name="outcome", cache_policy=NO_CACHE)
-def publish(workspace: Path, promoted: bool | None, experiment: str) -> dict[str, Any]:
+def publish(
+    workspace: Path, promoted: bool | None, experiment: str, remote: str | None, push_error: str | None
+) -> dict[str, Any]:
     """The flow's result and its artifacts, read from the outputs evaluate and register wrote."""
     evaluation = EvalOutputs(workspace / EVAL)
     metrics = json.loads(evaluation.metrics.read_text())
@@ -321,7 +341,7 @@ def publish(workspace: Path, promoted: bool | None, experiment: str) -> dict[str
         rows, key="wflw-metrics", description="NME, FR and AUC on the test set and its subsets"
     )
     create_markdown_artifact(
-        outcome_markdown(results_md, registered, promoted, experiment),
+        outcome_markdown(results_md, registered, promoted, experiment, push_line(remote, push_error)),
         key="wflw-results",
         description="Results table, MLflow run, registered version, promotion",
     )
@@ -335,6 +355,7 @@ def publish(workspace: Path, promoted: bool | None, experiment: str) -> dict[str
         "run_url": registered.get("run_url"),
         "model": registered.get("model_uri"),
         "promoted": promoted,
+        "pushed": None if remote is None else push_error is None,
     }
 
 
@@ -393,8 +414,11 @@ def train_wflw(
                 stage_task(stage, root, env, pull=remote is not None)
             promoted = promote_version(root, env) if promote else None
             save_experiment(root, env, experiment)
-            if remote:
-                push(root, env, remote)
+            pushed = push(root, env, remote, return_state=True) if remote else None
         finally:
             params_path.write_bytes(original)
-    return publish(root, promoted, experiment)
+    push_error = str(pushed.result(raise_on_failure=False)) if pushed and not pushed.is_completed() else None
+    outcome = publish(root, promoted, experiment, remote, push_error)
+    if push_error:
+        return Failed(message=f"{push_error} ({KEPT})", data=outcome)
+    return outcome

@@ -86,7 +86,7 @@ def test_overrides_reach_the_stages_and_the_run_is_saved_as_a_dvc_experiment(tmp
     shown = _experiments(project)[experiment]
     assert (shown["train.epochs"], shown["train.milestones"]) == ("3", "[1, 2]")
     assert result["metrics"]["test"] == {"nme": 4.03, "fr": 0.0, "auc": 0.5}
-    assert result["mlflow_run_id"] == "abc123" and result["promoted"] is None
+    assert result["mlflow_run_id"] == "abc123" and result["promoted"] is None and result["pushed"] is None
 
     artifacts = _artifacts(state.state_details.flow_run_id)
     assert set(artifacts) == {"wflw-metrics", "wflw-results"}
@@ -124,6 +124,36 @@ def test_a_failing_stage_fails_the_flow_with_its_own_message_and_later_stages_do
 
     assert fixed.is_completed(), fixed.message
     assert stage_runs(project)[3:] == ["train", "evaluate", "register"]  # fetch and convert: DVC's cache
+
+
+def test_a_failed_push_fails_the_run_in_one_line_and_keeps_its_results_and_a_rerun_pushes(tmp_path):
+    project = make_project(tmp_path / "p", DVC)
+    remote = tmp_path / "remote"
+    remote.write_text("a file where the remote's folder should be")
+    subprocess.run([str(DVC), "remote", "add", "-d", "shared", str(remote)], cwd=project, check=True)
+
+    state = _run(project)
+
+    assert state.is_failed()
+    message = state.message
+    assert message.startswith("dvc push: ") and "\n" not in message, message
+    assert message.endswith(f"({train_wflw.KEPT})")
+    outcome = state.result(raise_on_failure=False)
+    assert outcome["pushed"] is False and outcome["metrics"]["test"]["nme"] == 4.2
+    markdown = _artifacts(state.state_details.flow_run_id)["wflw-results"].data
+    assert f"- DVC remote: `shared`: **push failed**: {message}" in markdown
+    assert stage_runs(project) == ["fetch", "convert", "train", "evaluate", "register"]
+
+    remote.unlink()
+    again = _run(project)
+
+    assert again.is_completed(), again.message
+    assert again.result()["pushed"] is True and len(stage_runs(project)) == 5  # pushed, nothing ran again
+    status = [str(DVC), "status", "--cloud"]
+    in_sync = subprocess.run(status, cwd=project, check=True, capture_output=True, text=True).stdout
+    assert "Cache and remote 'shared' are in sync" in in_sync
+    markdown = _artifacts(again.state_details.flow_run_id)["wflw-results"].data
+    assert "- DVC remote: `shared`: outputs and run cache pushed" in markdown
 
 
 def test_fetch_is_retried_on_a_network_error(tmp_path):
@@ -290,12 +320,13 @@ def test_results_table_rows():
 )
 def test_the_run_page_says_what_the_gate_did(promoted, line):
     registered = {"run_id": "abc", "model_name": "m", "version": "3", "tracking_uri": "sqlite:///mlflow.db"}
-    text = outcome_markdown("| NME |", registered, promoted, "exp-1")
+    text = outcome_markdown("| NME |", registered, promoted, "exp-1", "`shared`: pushed")
     assert text.splitlines() == [
         "- DVC experiment: `exp-1` (`dvc exp show`)",
         "- MLflow run: `abc` (sqlite:///mlflow.db)",
         "- Registered model: `m version 3`",
         line,
+        "- DVC remote: `shared`: pushed",
         "",
         "| NME |",
     ]

@@ -307,7 +307,7 @@ def push_line(remote: str | None, push_error: str | None) -> str:
 def outcome_markdown(
     results_md: str, registered: dict[str, Any], promoted: bool | None, experiment: str, pushed: str
 ) -> str:
-    """The run page's summary: evaluate's results table, the MLflow run and version, the promotion, the push."""
+    """The run page's summary: the results table, the MLflow run and version, the promotion, the push."""
     run = registered.get("run_id")
     run_ref = f"[{run}]({registered['run_url']})" if registered.get("run_url") else f"`{run}`"
     version = f"{registered.get('model_name')} version {registered.get('version')}"

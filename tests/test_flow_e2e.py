@@ -1,8 +1,10 @@
 """The deployment `train-wflw` end to end (slow): a real `prefect server` on a loopback port with its own
 PREFECT_HOME, the flow served by `flows/serve.py` and run by a process work pool's `prefect worker`, the real
-pipeline (tiny params) in a copy of the repository with a local-directory DVC remote, MLflow on its default
-SQLite store. One server and one workspace serve the module's tests (DVC's cache keeps them short); each test
-triggers the runs it checks. Every process started is stopped, also when a test fails.
+pipeline (tiny params) in a copy of the repository whose default DVC remote is on S3, MLflow on its default
+SQLite store. The S3 server is moto's (tests/support/servers.py); the workspace knows only its endpoint URL
+(DVC's `endpointurl`, behind a `Gate` that can take it down) and credentials in the environment, as it
+would know MinIO or AWS. One server and one workspace serve the module's tests (DVC's cache keeps them
+short); each test triggers the runs it checks. Every process started is stopped, also when a test fails.
 
 A run that makes no progress fails its test with a diagnosis (`_stuck`): the run's newest log lines, the
 processes in the workspace with the kernel function each waits in, and their Python stacks, which
@@ -27,7 +29,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from repo_copy import BIN, GIT_USER, pipeline_env, repo_copy, tiny_params
-from servers import background, prefect_server
+from servers import HOST, S3, Gate, background, prefect_server, s3_server
+from train_wflw import KEPT, dvc_failure
 
 pytestmark = pytest.mark.slow
 
@@ -39,24 +42,44 @@ STALL_S = 600
 RUN_TIMEOUT_S = 1800
 
 
+BUCKET = "wflw-dvc"
+
+
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """A committed copy of the repository with tiny params and a default DVC remote in a local directory."""
-    root = tmp_path_factory.mktemp("flow-e2e")
-    repo = repo_copy(root / "repo")
+def s3(tmp_path_factory) -> Iterator[S3]:
+    """An S3 server with bucket BUCKET."""
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        server.client().create_bucket(Bucket=BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gate(s3) -> Iterator[Gate]:
+    """The S3 endpoint the workspace is given, open unless a test shuts it."""
+    with Gate((HOST, int(s3.endpoint.rsplit(":", 1)[1]))) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, s3, gate) -> Path:
+    """A committed copy of the repository with tiny params and a default DVC remote on S3, set up as the
+    README's team set-up says."""
+    repo = repo_copy(tmp_path_factory.mktemp("flow-e2e") / "repo")
     tiny_params(repo)
-    _run([str(BIN / "dvc"), "remote", "add", "-d", "shared", str(root / "dvc-remote")], repo, _env(repo, {}))
+    env = _env(repo, {})
+    _run([str(BIN / "dvc"), "remote", "add", "-d", "shared", f"s3://{BUCKET}/dvc"], repo, env)
+    _run([str(BIN / "dvc"), "remote", "modify", "shared", "endpointurl", gate.url], repo, env)
     _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "tiny params, a shared DVC remote")
+    _git(repo, "commit", "-qm", "tiny params, a shared DVC remote on S3")
     return repo
 
 
 @pytest.fixture(scope="module")
-def prefect(tmp_path_factory, workspace) -> Iterator[dict[str, str]]:
-    """The environment of the workspace's Prefect clients, a server running; `flows/serve.py` serving
-    deployment train-wflw/e2e."""
+def prefect(tmp_path_factory, workspace, s3) -> Iterator[dict[str, str]]:
+    """The environment of the workspace's Prefect clients (the S3 credentials in it), a server running;
+    `flows/serve.py` serving deployment train-wflw/e2e."""
     with prefect_server(tmp_path_factory.mktemp("prefect-home")) as server:
-        env = _env(workspace, server)
+        env = _env(workspace, {**server, **s3.env()})
         serve = [str(BIN / "python"), "flows/serve.py", "--name", "e2e"]
         with background(serve, workspace, env, workspace.parent / "serve.log") as proc:
             _wait_for_deployment("train-wflw/e2e", env, proc)
@@ -355,19 +378,69 @@ def _processes(command: str, cwd: Path) -> list[str]:
     return found
 
 
-def test_a_second_clone_pulls_what_the_flow_pushed_and_has_nothing_to_run(workspace, prefect, tmp_path):
+def test_a_second_clone_pulls_what_the_flow_pushed_to_s3_and_has_nothing_to_run(
+    workspace, prefect, s3, tmp_path
+):
     run_id = _trigger(prefect, workspace, "train-wflw/e2e")  # the committed params: pushed at the end
     [run] = _wait_final(prefect, [run_id])
     assert run.state.is_completed(), run.state
     _git(workspace, "add", "dvc.lock")
     _git(workspace, "commit", "-qm", "the pipeline's results")
+    stored = s3.client().list_objects_v2(Bucket=BUCKET, Prefix="dvc/runs/")
+    assert stored["KeyCount"] >= 5  # the run cache: an entry per stage
 
     clone = tmp_path / "clone"
     _git(tmp_path, "clone", "-q", str(workspace), str(clone))
-    env = _env(clone, {})
+    env = {**_env(clone, {}), **s3.env()}
     _run([str(BIN / "dvc"), "pull"], clone, env)
     repro = _run([str(BIN / "dvc"), "repro"], clone, env)
 
     assert "Running stage" not in repro, repro
     assert "Data and pipelines are up to date" in repro
     assert (clone / "data/model/model.pt").read_bytes() == (workspace / "data/model/model.pt").read_bytes()
+
+    # S3 answers a HEAD request with its status alone, a listing with the reason as well.
+    for change, said in [
+        ({"AWS_SECRET_ACCESS_KEY": "wrong"}, ("An error occurred (403)", "(SignatureDoesNotMatch)")),
+        ({"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY"}, ("An error occurred (403)", "(InvalidAccessKeyId)")),
+    ]:
+        message = _push_error(clone, {**env, **change})
+        assert any(reason in message for reason in said), message
+    missing = ["remote", "add", "--local", "-d", "elsewhere", f"s3://no-such-{BUCKET}/dvc"]
+    _run([str(BIN / "dvc"), *missing], clone, env)
+    _run(
+        [str(BIN / "dvc"), "remote", "modify", "--local", "elsewhere", "endpointurl", s3.endpoint], clone, env
+    )
+    assert "NoSuchBucket" in _push_error(clone, env)
+
+
+def _push_error(repo: Path, env: dict[str, str]) -> str:
+    """The one line the flow would fail with, from the `dvc push` it runs, which must fail."""
+    done = subprocess.run(
+        [str(BIN / "dvc"), "push", "--run-cache"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0, done.stdout
+    message, _ = dvc_failure((done.stdout + done.stderr).splitlines())
+    assert "\n" not in message and "unexpected error" in message, done.stderr
+    return message
+
+
+def test_the_endpoint_down_during_the_push_fails_the_run_in_one_line_and_keeps_its_results(
+    workspace, prefect, gate
+):
+    gate.shut_at(b"files%2Fmd5", b"/files/md5/")  # the push's first look at the remote's files
+    try:
+        run_id = _trigger(prefect, workspace, "train-wflw/e2e")
+        [run] = _wait_final(prefect, [run_id])
+    finally:
+        gate.open()
+
+    assert gate.tripped.is_set() and run.state.is_failed(), run.state
+    message = run.state.message
+    assert message.startswith("dvc push: unexpected error - Could not connect to the endpoint URL"), message
+    assert message.endswith(f"({KEPT})") and "\n" not in message
+    with _client(prefect) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=_of_run(run_id))}
+    assert set(artifacts) == {"wflw-metrics", "wflw-results"}
+    assert "- DVC remote: `shared`: **push failed**: dvc push: " in artifacts["wflw-results"].data
+    assert _experiments(workspace, prefect)[run.name]  # saved before the push

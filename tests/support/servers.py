@@ -1,4 +1,5 @@
-"""Real servers for end-to-end tests, on 127.0.0.1: PostgreSQL, an MLflow server on it, Prefect's server.
+"""Real servers for end-to-end tests, on 127.0.0.1: PostgreSQL, an MLflow server on it, Prefect's server, an
+S3-protocol server, and a gate to take a server's port down and up again.
 
 Each is a context manager that stops what it started on exit, also when the test body raises.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -15,10 +17,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -138,11 +142,18 @@ def _pg_stop(pg, bindir: Path, data: Path) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None) -> Iterator[str]:
+def mlflow_server(
+    backend_uri: str,
+    artifacts: Path,
+    port: int | None = None,
+    destination: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
     """`mlflow server` on `backend_uri` with proxied artifact storage in `artifacts` (clients see
-    `mlflow-artifacts:` locations) on 127.0.0.1; yields its URL once GET /health answers 200. Runs in its own
-    process group (the CLI and its uvicorn), all of it killed on exit; its log is `artifacts`'s
-    sibling `mlflow-server-<port>.log`."""
+    `mlflow-artifacts:` locations), or in `destination` when given (an s3:// URI, `env` holding the
+    server's credentials and endpoint), on 127.0.0.1; yields its URL once GET /health answers 200. Runs in its
+    own process group (the CLI and its uvicorn), all of it killed on exit; its log is `artifacts`'s sibling
+    `mlflow-server-<port>.log`."""
     port = port or free_port()
     url = f"http://{HOST}:{port}"
     artifacts = artifacts.resolve()  # the server runs in its parent dir
@@ -151,19 +162,20 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None) ->
     cmd = [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", backend_uri,
-        "--artifacts-destination", str(artifacts),
+        "--artifacts-destination", destination or str(artifacts),
         "--serve-artifacts",
         "--host", HOST, "--port", str(port),
         "--workers", "1",  # the default 4 took 20-30 s to answer on 2 cores, 1 takes ~10 s
     ]  # fmt: skip
     # No job runner: its 7 background workers (GenAI judges, trace rollups) cost ~2 GB and most of the start.
-    env = {
+    server_env = {
         **os.environ,
+        **(env or {}),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    with background(cmd, artifacts.parent, env, log) as proc:
+    with background(cmd, artifacts.parent, server_env, log) as proc:
         wait_healthy(f"{url}/health", proc, log)
         yield url
 
@@ -195,6 +207,140 @@ def prefect_server(home: Path, port: int | None = None) -> Iterator[dict[str, st
     with background(cmd, home, env, log) as proc:
         wait_healthy(f"{env['PREFECT_API_URL']}/health", proc, log)
         yield {key: env[key] for key in ("PREFECT_HOME", "PREFECT_API_URL")}
+
+
+@dataclass(frozen=True)
+class S3:
+    """An S3-protocol endpoint and the credentials of a user allowed everything on it: what a team is given
+    for MinIO, Ceph or AWS. Clients get them as a user would: the endpoint URL in their config, the
+    credentials in the environment (`env`)."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+    def client(self, endpoint: str | None = None):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=endpoint or self.endpoint,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+
+
+S3_USER_SETUP_CALLS = 3
+"""The IAM calls `s3_server` makes before the server checks every request's signature."""
+
+
+@contextlib.contextmanager
+def s3_server(root: Path, port: int | None = None) -> Iterator[S3]:
+    """moto's standalone server (`moto_server`), the one S3-protocol server that installs here, on 127.0.0.1,
+    checking credentials as S3 does: its first S3_USER_SETUP_CALLS requests, unsigned, create an IAM user
+    with an access key allowed all of S3; every request after must be signed with a key it knows. Yields
+    the endpoint and that key. Buckets and objects live in its memory; its log is `root`/moto.log."""
+    import boto3
+
+    port = port or free_port()
+    endpoint = f"http://{HOST}:{port}"
+    root.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(S3_USER_SETUP_CALLS)}
+    cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", HOST, "-p", str(port)]
+    log = root / "moto.log"
+    with background(cmd, root, env, log) as proc:
+        wait_healthy(f"{endpoint}/moto-api/", proc, log)
+        iam = boto3.client(
+            "iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+            aws_secret_access_key="setup",
+        )  # fmt: skip
+        iam.create_user(UserName="wflw")
+        key = iam.create_access_key(UserName="wflw")["AccessKey"]
+        allow_s3 = {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+        }
+        iam.put_user_policy(UserName="wflw", PolicyName="s3", PolicyDocument=json.dumps(allow_s3))
+        yield S3(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
+
+
+class Gate:
+    """A loopback port forwarding to `target` (host, port) that can be shut and opened again: shut, it
+    refuses connections and cuts the open ones, as a server that went down; `url` is its address.
+    `shut_at(marker)` shuts it when a client sends bytes holding `marker`, before they go on: a server that
+    goes down at a given request, whatever the clock."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._markers: tuple[bytes, ...] = ()
+        self.tripped = threading.Event()
+
+    def shut_at(self, *markers: bytes) -> None:
+        self.tripped.clear()
+        self._markers = markers
+
+    def __enter__(self) -> Gate:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shut()
+
+    def open(self) -> None:
+        self._markers = ()
+        listener = socket.create_server((HOST, self.port))
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def shut(self) -> None:
+        if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes its accept(), which would keep it listening
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self._lock:
+                self._open |= {client, upstream}
+            for source, sink, watch in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(source, sink, watch), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, watch: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if watch and any(marker in data for marker in self._markers):
+                    self.tripped.set()
+                    self.shut()
+                    return
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
 
 
 @contextlib.contextmanager

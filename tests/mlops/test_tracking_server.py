@@ -1,6 +1,6 @@
-"""The scale-out tracking stack: an MLflow tracking server on PostgreSQL with proxied artifact storage
-(tests/support/servers.py), and a tiny pipeline tracked and registered over HTTP by it, across an outage of
-that server (slow: real servers)."""
+"""The scale-out tracking stack: an MLflow tracking server on PostgreSQL with proxied artifact storage in a
+folder or on S3 (tests/support/servers.py), and a tiny pipeline tracked and registered over HTTP by it,
+across an outage of that server and of its S3 endpoint (slow: real servers)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 from urllib.parse import urlsplit
 
-import numpy as np
 import pytest
 from helpers import tiny_parquet
 from mlflow.tracking import MlflowClient
 from pipeline_cli import evaluate, params_file, register, registered, train
-from servers import HOST, free_port, mlflow_server, postgres
-
-from wflw_pipeline.data.dataset import load_faces
+from servers import HOST, Gate, free_port, mlflow_server, postgres, s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -78,11 +77,22 @@ def test_mlflow_server_on_postgres_with_proxied_artifacts(tmp_path, monkeypatch)
     assert all(ports) and all(_refuses(port) for port in ports), f"still listening: {ports}"
 
 
-def test_pipeline_on_a_postgres_backed_server_with_an_outage(tmp_path, monkeypatch, caplog):
+LOAD_AND_PREDICT = """
+import sys, mlflow
+from wflw_pipeline.data.dataset import load_faces
+crops = load_faces(sys.argv[1]).images.permute(0, 2, 3, 1).numpy()
+print(mlflow.pyfunc.load_model("models:/m@challenger").predict(crops).shape)
+"""
+BUCKET = "wflw-mlflow"
+
+
+def test_pipeline_on_a_postgres_backed_server_with_artifacts_on_s3_through_outages_of_both(
+    tmp_path, monkeypatch, caplog
+):
     monkeypatch.chdir(tmp_path)
     tiny_parquet(tmp_path, test=8)
     url = f"http://127.0.0.1:{free_port()}"
-    params_file(tmp_path, uri=url, experiment="server")
+    params_file(tmp_path, uri=url, experiment="server", timeout_s=60)
 
     with caplog.at_level(logging.WARNING):
         train(tmp_path)
@@ -95,36 +105,68 @@ def test_pipeline_on_a_postgres_backed_server_with_an_outage(tmp_path, monkeypat
     assert not (tmp_path / "register" / "registered.json").exists()
 
     port = int(url.rsplit(":", 1)[1])
-    with postgres(tmp_path / "pg") as database, mlflow_server(database, tmp_path / "artifacts", port):
-        assert register(tmp_path) == 0
-        first = registered(tmp_path)
-        assert first["run_origin"] == "rebuilt from the DVC outputs" and first["version"] == "1"
-        assert first["run_url"].startswith(f"{url}/#/experiments/")
-        client = MlflowClient(tracking_uri=url, registry_uri=url)
-        experiment = client.get_experiment_by_name("server")
-        assert experiment.artifact_location.startswith("mlflow-artifacts:")
-        stored = {p.name for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
-        assert {"per_face.parquet", "results.md", "history.csv", "model.pt", "MLmodel"} <= stored
+    with (
+        s3_server(tmp_path / "s3") as s3,
+        Gate((HOST, int(s3.endpoint.rsplit(":", 1)[1]))) as gate,
+        postgres(tmp_path / "pg") as database,
+    ):
+        s3.client().create_bucket(Bucket=BUCKET)
+        server_env = {**s3.env(), "MLFLOW_S3_ENDPOINT_URL": gate.url}  # the server's, not the pipeline's
+        destination = f"s3://{BUCKET}/mlflow"
+        with mlflow_server(database, tmp_path / "mlflow", port, destination=destination, env=server_env):
+            assert register(tmp_path) == 0
+            first = registered(tmp_path)
+            assert first["run_origin"] == "rebuilt from the DVC outputs" and first["version"] == "1"
+            assert first["run_url"].startswith(f"{url}/#/experiments/")
+            client = MlflowClient(tracking_uri=url, registry_uri=url)
+            experiment = client.get_experiment_by_name("server")
+            assert experiment.artifact_location.startswith("mlflow-artifacts:")
+            stored = s3.client().list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]
+            names = {item["Key"].rsplit("/", 1)[1] for item in stored}
+            assert {
+                "per_face.parquet",
+                "results.md",
+                "history.csv",
+                "model.pt",
+                "model.onnx",
+                "MLmodel",
+            } <= names
 
-        train(tmp_path)  # the server is up: the run is opened by train, its curves logged live
-        run_id = json.loads((tmp_path / "train" / "mlflow_run.json").read_text())["run_id"]
-        assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
-        evaluate(tmp_path)
-        assert register(tmp_path) == 0
-        second = registered(tmp_path)
-        assert (second["run_id"], second["run_origin"], second["version"]) == (
-            run_id,
-            "the run train opened",
-            "2",
-        )
-        runs = client.search_runs([experiment.experiment_id])
-        assert len(runs) == 2 and all(run.data.metrics["nme_test"] > 0 for run in runs)
-        assert str(client.get_model_version_by_alias("m", "challenger").version) == "2"
+            train(tmp_path)  # the server is up: the run is opened by train, its curves logged live
+            run_id = json.loads((tmp_path / "train" / "mlflow_run.json").read_text())["run_id"]
+            assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
+            evaluate(tmp_path)
 
-        import mlflow
+            gate.shut()  # S3 goes down: the server cannot store what register uploads
+            caplog.clear()
+            assert register(tmp_path) == 2
+            (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+            assert error.startswith(f"MLflow at {url}: could not upload ") and "\n" not in error, error
+            assert registered(tmp_path)["version"] == "1"  # not rewritten
 
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        model = mlflow.pyfunc.load_model("models:/m@challenger")
-        crops = load_faces(tmp_path / "parquet" / "test.parquet").images.permute(0, 2, 3, 1).numpy()
-        points = model.predict(crops)
-        assert points.shape == (8, 98, 2) and points.dtype == np.float32
+            gate.open()
+            assert register(tmp_path) == 0
+            second = registered(tmp_path)
+            assert (second["run_id"], second["run_origin"], second["version"]) == (
+                run_id,
+                "the run train opened",
+                "2",
+            )
+            assert sorted(v.version for v in client.search_model_versions("name = 'm'")) == ["1", "2"]
+            runs = client.search_runs([experiment.experiment_id])
+            assert len(runs) == 2 and all(run.data.metrics["nme_test"] > 0 for run in runs)
+            assert str(client.get_model_version_by_alias("m", "challenger").version) == "2"
+
+            # A user with the tracking URL and no S3 credentials: the server streams the files to it (without
+            # MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false it hands out presigned URLs of its S3 endpoint).
+            bare = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3_"))}
+            test_split = str(tmp_path / "parquet" / "test.parquet")
+            client_env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
+            done = subprocess.run(
+                [sys.executable, "-c", LOAD_AND_PREDICT, test_split],
+                env={**bare, **client_env},
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert done.stdout.splitlines()[-1] == "(8, 98, 2)"

@@ -323,9 +323,13 @@ class Gate:
         while True:
             try:
                 client, _ = listener.accept()
-                upstream = socket.create_connection(self.target)
             except OSError:
                 return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:  # the server behind is down: so is the gate, for this client
+                client.close()
+                continue
             with self._lock:
                 self._open |= {client, upstream}
             for source, sink, watch in ((client, upstream, True), (upstream, client, False)):

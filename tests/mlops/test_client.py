@@ -68,18 +68,25 @@ def test_tracking_uri_is_the_params_else_the_environments_else_the_projects_mlfl
     assert default_artifact_location("sqlite:///:memory:") is None
 
 
-def test_connect_turns_mlflows_own_http_retries_off_unless_the_user_set_them(tmp_path, monkeypatch):
-    names = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+def test_connect_turns_mlflows_own_http_retries_and_presigned_downloads_off_unless_the_user_set_them(
+    tmp_path, monkeypatch
+):
+    names = (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD",
+    )
     _no_env(monkeypatch, *names, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracking = connect(_config(uri, retries=4, timeout_s=2.5))
     assert (tracking.uri, tracking.retries, tracking.client.tracking_uri) == (uri, 4, uri)
-    assert [os.environ[name] for name in names] == ["0", "3"]  # the timeout rounded up to whole seconds
+    assert [os.environ[name] for name in names] == ["0", "3", "false"]  # the timeout rounded up
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "true")
     connect(_config(uri, timeout_s=2.5))
-    assert [os.environ[name] for name in names] == ["5", "60"]
+    assert [os.environ[name] for name in names] == ["5", "60", "true"]
 
 
 @pytest.fixture

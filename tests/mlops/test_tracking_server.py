@@ -15,8 +15,10 @@ from urllib.parse import urlsplit
 import pytest
 from helpers import tiny_parquet
 from mlflow.tracking import MlflowClient
-from pipeline_cli import evaluate, params_file, register, registered, train
+from pipeline_cli import evaluate, params_file, register, registered, train, wflw
 from servers import HOST, Gate, free_port, mlflow_server, postgres, s3_server
+
+from wflw_pipeline.errors import EXIT_REFUSED
 
 pytestmark = pytest.mark.slow
 
@@ -156,6 +158,10 @@ def test_pipeline_on_a_postgres_backed_server_with_artifacts_on_s3_through_outag
             runs = client.search_runs([experiment.experiment_id])
             assert len(runs) == 2 and all(run.data.metrics["nme_test"] > 0 for run in runs)
             assert str(client.get_model_version_by_alias("m", "challenger").version) == "2"
+            # The gate reads both versions' per-face results through the server, which this machine
+            # would also reach S3 for, were the downloads presigned.
+            assert wflw(tmp_path, "promote", "--version", "1", "--force", "--reason", "a first champion") == 0
+            assert wflw(tmp_path, "promote") in (0, EXIT_REFUSED), caplog.text
 
             # A user with the tracking URL and no S3 credentials: the server streams the files to it (without
             # MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false it hands out presigned URLs of its S3 endpoint).

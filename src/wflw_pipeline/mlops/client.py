@@ -118,10 +118,14 @@ def connect(config: TrackingParams) -> Tracking:
 
     MLflow's own HTTP retries back off for minutes against a server that is down, so they are turned
     off here unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES; `Tracking.call` retries instead.
+    Artifacts come through the server, as they go to it, unless the user set
+    MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD: a server with its artifacts on S3 hands out presigned URLs
+    of its S3 endpoint otherwise, which this machine may not reach.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(math.ceil(config.timeout_s)))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     uri = tracking_uri(config)
     database = sqlite_file(uri)
     if database is not None and database.is_file() and database.stat().st_size == 0:

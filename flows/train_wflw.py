@@ -343,7 +343,7 @@ def publish(
     create_markdown_artifact(
         outcome_markdown(results_md, registered, promoted, experiment, push_line(remote, push_error)),
         key="wflw-results",
-        description="Results table, MLflow run, registered version, promotion",
+        description="Results table, MLflow run, registered version, promotion, DVC push",
     )
     return {
         "experiment": experiment,
@@ -414,10 +414,11 @@ def train_wflw(
                 stage_task(stage, root, env, pull=remote is not None)
             promoted = promote_version(root, env) if promote else None
             save_experiment(root, env, experiment)
-            pushed = push(root, env, remote, return_state=True) if remote else None
+            push_state = push(root, env, remote, return_state=True) if remote else None
         finally:
             params_path.write_bytes(original)
-    push_error = str(pushed.result(raise_on_failure=False)) if pushed and not pushed.is_completed() else None
+    failed = push_state is not None and not push_state.is_completed()
+    push_error = str(push_state.result(raise_on_failure=False)) if failed else None
     outcome = publish(root, promoted, experiment, remote, push_error)
     if push_error:
         return Failed(message=f"{push_error} ({KEPT})", data=outcome)

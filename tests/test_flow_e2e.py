@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from repo_copy import BIN, GIT_USER, pipeline_env, repo_copy, tiny_params
-from servers import HOST, S3, Gate, background, prefect_server, s3_server
+from servers import S3, Gate, background, prefect_server, s3_server
 from train_wflw import KEPT, dvc_failure
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def s3(tmp_path_factory) -> Iterator[S3]:
 @pytest.fixture(scope="module")
 def gate(s3) -> Iterator[Gate]:
     """The S3 endpoint the workspace is given, open unless a test shuts it."""
-    with Gate((HOST, int(s3.endpoint.rsplit(":", 1)[1]))) as opened:
+    with Gate(s3.endpoint) as opened:
         yield opened
 
 

@@ -109,7 +109,7 @@ def test_pipeline_on_a_postgres_backed_server_with_artifacts_on_s3_through_outag
     port = int(url.rsplit(":", 1)[1])
     with (
         s3_server(tmp_path / "s3") as s3,
-        Gate((HOST, int(s3.endpoint.rsplit(":", 1)[1]))) as gate,
+        Gate(s3.endpoint) as gate,
         postgres(tmp_path / "pg") as database,
     ):
         s3.client().create_bucket(Bucket=BUCKET)

@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -227,12 +228,12 @@ class S3:
             "AWS_DEFAULT_REGION": self.region,
         }
 
-    def client(self, endpoint: str | None = None):
+    def client(self):
         import boto3
 
         return boto3.client(
             "s3",
-            endpoint_url=endpoint or self.endpoint,
+            endpoint_url=self.endpoint,
             region_name=self.region,
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
@@ -274,13 +275,14 @@ def s3_server(root: Path, port: int | None = None) -> Iterator[S3]:
 
 
 class Gate:
-    """A loopback port forwarding to `target` (host, port) that can be shut and opened again: shut, it
-    refuses connections and cuts the open ones, as a server that went down; `url` is its address.
-    `shut_at(marker)` shuts it when a client sends bytes holding `marker`, before they go on: a server that
-    goes down at a given request, whatever the clock."""
+    """A loopback port forwarding to the server at `target` (its http://host:port URL) that can be shut and
+    opened again: shut, it refuses connections and cuts the open ones, as a server that went down; `url`
+    is its address. `shut_at(marker)` shuts it when a client sends bytes holding `marker`, before they go
+    on: a server that goes down at a given request, whatever the clock."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
+    def __init__(self, target: str) -> None:
+        address = urlsplit(target)
+        self.target = (address.hostname, address.port)
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self._listener: socket.socket | None = None
